@@ -1,0 +1,205 @@
+//! The token flow: pick the issuer by the token's `iss`, find its key in the
+//! cached JWKS, check the signature and the claims. Knows nothing of
+//! databases or relaying; a refusal says which check failed.
+
+pub mod jwks;
+pub mod verify;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use tracing::debug;
+
+use crate::config::Config;
+use jwks::{KeySource, Location};
+use verify::{ClaimsPolicy, TokenError};
+
+/// Longest a verified token is remembered, whatever its `exp`.
+const MAX_TOKEN_CACHE_TTL: Duration = Duration::from_secs(3600);
+
+/// A token that passed every check.
+#[derive(Debug)]
+pub struct VerifiedToken {
+    pub claims: Map<String, Value>,
+    pub issuer: String,
+    pub kid: Option<String>,
+    pub sub: String,
+    issuer_index: usize,
+    key_id: [u8; 32],
+    cache_ttl: Duration,
+}
+
+impl VerifiedToken {
+    /// A short hash of `sub` for logs: the subject itself is personal data.
+    pub fn sub_hash(&self) -> String {
+        let digest = Sha256::digest(self.sub.as_bytes());
+        digest[..4].iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+struct Issuer {
+    policy: ClaimsPolicy,
+    source: Arc<KeySource>,
+    allow_missing_iss: bool,
+}
+
+struct TokenTtl;
+
+impl moka::Expiry<[u8; 32], Arc<VerifiedToken>> for TokenTtl {
+    fn expire_after_create(
+        &self,
+        _key: &[u8; 32],
+        value: &Arc<VerifiedToken>,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(value.cache_ttl)
+    }
+}
+
+/// Verifies client tokens against the configured issuers.
+pub struct Authenticator {
+    issuers: Vec<Issuer>,
+    max_token_bytes: usize,
+    /// Verified tokens by SHA-256 of the whole token; a hit skips the
+    /// signature but never the time checks.
+    cache: moka::sync::Cache<[u8; 32], Arc<VerifiedToken>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("issuers[{index}]: {message}")]
+pub struct AuthSetupError {
+    index: usize,
+    message: String,
+}
+
+impl Authenticator {
+    /// Builds the key sources; nothing is fetched until [`Authenticator::start`].
+    pub fn new(config: &Config) -> Result<Authenticator, AuthSetupError> {
+        let mut issuers = Vec::new();
+        for (index, ic) in config.issuers.iter().enumerate() {
+            let err = |message: String| AuthSetupError { index, message };
+            let location = match (&ic.jwks_url, &ic.jwks_file) {
+                (Some(url), _) => {
+                    let url = reqwest::Url::parse(url).map_err(|e| err(format!("jwks_url: {e}")))?;
+                    jwks::check_url(&url, config.jwks.allow_http).map_err(err)?;
+                    Location::Url(url)
+                }
+                (None, Some(path)) => Location::File(path.clone()),
+                (None, None) => return Err(err("no key source".into())),
+            };
+            let source = KeySource::new(&ic.issuer, location, &config.jwks)
+                .map_err(|e| err(e.to_string()))?;
+            issuers.push(Issuer {
+                policy: ClaimsPolicy {
+                    issuer: ic.issuer.clone(),
+                    audience: ic.audience.clone(),
+                    leeway: ic.leeway,
+                    require_exp: true,
+                },
+                source: Arc::new(source),
+                allow_missing_iss: ic.allow_missing_iss,
+            });
+        }
+        let cache = moka::sync::Cache::builder()
+            .max_capacity(config.auth.token_cache_entries)
+            .expire_after(TokenTtl)
+            .build();
+        Ok(Authenticator { issuers, max_token_bytes: config.auth.max_token_bytes, cache })
+    }
+
+    /// Starts every issuer's background fetch; returns at once.
+    pub fn start(&self) {
+        for issuer in &self.issuers {
+            issuer.source.spawn_refresh();
+        }
+    }
+
+    /// Whether at least one issuer has keys.
+    pub fn any_keys(&self) -> bool {
+        self.issuers.iter().any(|i| i.source.has_keys())
+    }
+
+    /// Verifies `token`; the error names the failed check.
+    pub async fn verify(&self, token: &str) -> Result<Arc<VerifiedToken>, TokenError> {
+        if token.len() > self.max_token_bytes {
+            return Err(TokenError::TooLarge { len: token.len(), max: self.max_token_bytes });
+        }
+        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(hit) = self.cache.get(&hash) {
+            let issuer = &self.issuers[hit.issuer_index];
+            if issuer.source.keys().contains(&hit.key_id) {
+                verify::check_times(&hit.claims, &issuer.policy, verify::now_unix())?;
+                metrics::counter!("rlsproxy_token_cache_total", "result" => "hit").increment(1);
+                return Ok(hit);
+            }
+            self.cache.invalidate(&hash);
+        }
+        metrics::counter!("rlsproxy_token_cache_total", "result" => "miss").increment(1);
+
+        let started = std::time::Instant::now();
+        let verified = Arc::new(self.verify_uncached(token).await?);
+        metrics::histogram!("rlsproxy_token_verify_seconds").record(started.elapsed());
+        self.cache.insert(hash, verified.clone());
+        Ok(verified)
+    }
+
+    async fn verify_uncached(&self, token: &str) -> Result<VerifiedToken, TokenError> {
+        let unverified = verify::parse(token)?;
+        let issuer_index = self.pick_issuer(&unverified.claims)?;
+        let issuer = &self.issuers[issuer_index];
+        let name = &issuer.policy.issuer;
+
+        let generation = issuer.source.generation();
+        let keys = issuer.source.keys();
+        let key_id = match keys.verify(&unverified, name) {
+            Ok(key) => key.id,
+            Err(TokenError::UnknownKid { .. } | TokenError::NoKeys(_))
+                if issuer.source.refetch_unknown_kid(generation).await =>
+            {
+                debug!(kid = unverified.header.kid.as_deref(), "retrying after jwks refetch");
+                issuer.source.keys().verify(&unverified, name)?.id
+            }
+            Err(e) => return Err(e),
+        };
+
+        let now = verify::now_unix();
+        verify::check_claims(&unverified.claims, &issuer.policy, now)?;
+        let sub = match unverified.claims.get("sub") {
+            Some(Value::String(s)) => s.clone(),
+            _ => return Err(TokenError::MissingClaim("sub")),
+        };
+        let exp = unverified.claims.get("exp").and_then(Value::as_f64).unwrap_or(now);
+        let cache_ttl = Duration::from_secs_f64((exp - now).clamp(0.0, 1e9)).min(MAX_TOKEN_CACHE_TTL);
+        Ok(VerifiedToken {
+            issuer: name.clone(),
+            kid: unverified.header.kid.clone(),
+            sub,
+            claims: unverified.claims,
+            issuer_index,
+            key_id,
+            cache_ttl,
+        })
+    }
+
+    fn pick_issuer(&self, claims: &Map<String, Value>) -> Result<usize, TokenError> {
+        match claims.get("iss") {
+            Some(Value::String(iss)) => self
+                .issuers
+                .iter()
+                .position(|i| i.policy.issuer == *iss)
+                .ok_or_else(|| TokenError::UntrustedIssuer(iss.clone())),
+            None if self.issuers.len() == 1 && self.issuers[0].allow_missing_iss => Ok(0),
+            None => Err(TokenError::MissingIssuer),
+            Some(_) => Err(TokenError::ClaimType { claim: "iss", expected: "a string" }),
+        }
+    }
+}
+
+/// Selects aws-lc-rs as jsonwebtoken's crypto backend. jsonwebtoken 12
+/// panics on the first verify if no provider is installed, so this runs
+/// before any token work; a second call is harmless.
+pub fn install_crypto_provider() {
+    let _ = jsonwebtoken::crypto::aws_lc::DEFAULT_PROVIDER.install_default();
+}

@@ -1,0 +1,214 @@
+//! Per-session set-up on checkout and reset on release. Set-up applies the
+//! client's startup parameters and the verified claims in one round trip;
+//! any failure there closes the upstream connection, because a failed
+//! `auth.jwt_session_init` would leave the previous session's claims.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::BytesMut;
+use serde_json::{Map, Value};
+
+use crate::config::ClaimsMode;
+use crate::error::ClientError;
+use crate::upstream::connect::{UpstreamConn, UpstreamError};
+use crate::wire;
+
+/// base64url of `{"alg":"EdDSA"}`, the header of every re-signed token.
+const EDDSA_HEADER_B64: &str = "eyJhbGciOiJFZERTQSJ9";
+
+/// Startup parameters a client may not set: they carry identity or claims.
+const FORBIDDEN_PARAMS: &[&str] = &["role", "session_authorization", "request.jwt.claims"];
+
+/// What one client session needs upstream.
+pub struct SessionSpec<'a> {
+    pub role: &'a str,
+    /// Verified claims; `None` for a role that needs no token.
+    pub claims: Option<&'a Map<String, Value>>,
+    pub mode: ClaimsMode,
+    /// Client startup parameters other than user and database.
+    pub params: &'a [(String, String)],
+}
+
+/// Turns the client's startup parameters (and `-c` / `--` settings in
+/// `options`) into (name, value) settings, refusing the forbidden ones.
+pub fn client_settings(params: &[(String, String)]) -> Result<Vec<(String, String)>, ClientError> {
+    let mut settings = Vec::new();
+    for (name, value) in params {
+        if name == "options" {
+            settings.extend(parse_options(value)?);
+        } else {
+            settings.push((name.clone(), value.clone()));
+        }
+    }
+    for (name, _) in &settings {
+        let lower = name.to_ascii_lowercase();
+        if FORBIDDEN_PARAMS.contains(&lower.as_str()) || lower.starts_with("pg_session_jwt.") {
+            return Err(ClientError::ForbiddenParameter(format!(
+                "startup parameter \"{name}\" may not be set through this proxy"
+            )));
+        }
+    }
+    Ok(settings)
+}
+
+/// Parses libpq `options`: `-c name=value` or `--name=value`, split on
+/// unescaped whitespace with backslash escapes, as Postgres does.
+fn parse_options(options: &str) -> Result<Vec<(String, String)>, ClientError> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => word.extend(chars.next()),
+            c if c.is_ascii_whitespace() => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+
+    let bad = |w: &str| ClientError::Unsupported(format!("startup option \"{w}\" (use -c name=value)"));
+    let mut settings = Vec::new();
+    let mut words = words.into_iter();
+    while let Some(w) = words.next() {
+        let setting = if w == "-c" {
+            words.next().ok_or_else(|| bad(&w))?
+        } else if let Some(rest) = w.strip_prefix("-c").or_else(|| w.strip_prefix("--")) {
+            rest.to_owned()
+        } else {
+            return Err(bad(&w));
+        };
+        let (name, value) = setting.split_once('=').ok_or_else(|| bad(&setting))?;
+        settings.push((name.replace('-', "_"), value.to_owned()));
+    }
+    Ok(settings)
+}
+
+/// Re-signs `claims` with the connection's key, `jti` set to its next value.
+pub fn resign(conn: &mut UpstreamConn, claims: &Map<String, Value>) -> String {
+    conn.key.last_jti += 1;
+    let mut claims = claims.clone();
+    claims.insert("jti".to_owned(), Value::from(conn.key.last_jti));
+    let payload = URL_SAFE_NO_PAD.encode(Value::Object(claims).to_string());
+    let signing_input = format!("{EDDSA_HEADER_B64}.{payload}");
+    let signature = URL_SAFE_NO_PAD.encode(conn.key.sign(signing_input.as_bytes()));
+    format!("{signing_input}.{signature}")
+}
+
+/// Applies settings and claims in one round trip.
+pub async fn begin(
+    conn: &mut UpstreamConn,
+    spec: &SessionSpec<'_>,
+    settings: &[(String, String)],
+) -> Result<(), UpstreamError> {
+    let mut out = BytesMut::with_capacity(1024);
+    for (name, value) in settings {
+        wire::extended_query(&mut out, "SELECT pg_catalog.set_config($1, $2, false)", &[name, value]);
+    }
+    match spec.mode {
+        ClaimsMode::PgSessionJwt => {
+            // Tokenless sessions still get claims of their own, so nothing
+            // of an earlier session on this backend can linger.
+            let fallback;
+            let claims = match spec.claims {
+                Some(c) => c,
+                None => {
+                    fallback = tokenless_claims(spec.role);
+                    &fallback
+                }
+            };
+            let token = resign(conn, claims);
+            wire::extended_query(&mut out, "SELECT auth.jwt_session_init($1)", &[&token]);
+        }
+        ClaimsMode::Guc => {
+            if let Some(claims) = spec.claims {
+                let json = Value::Object(claims.clone()).to_string();
+                wire::extended_query(
+                    &mut out,
+                    "SELECT pg_catalog.set_config('request.jwt.claims', $1, false)",
+                    &[&json],
+                );
+            }
+        }
+    }
+    wire::sync(&mut out);
+    conn.send(&out).await?;
+    conn.read_until_ready().await
+}
+
+fn tokenless_claims(role: &str) -> Map<String, Value> {
+    let mut claims = Map::new();
+    claims.insert("role".to_owned(), Value::from(role));
+    claims
+}
+
+/// Returns the connection to a fresh state: rollback if a transaction is
+/// open, then `DISCARD ALL` (settings, prepared statements, cursors, LISTEN,
+/// advisory locks, temp tables and sequences).
+pub async fn reset(conn: &mut UpstreamConn) -> Result<(), UpstreamError> {
+    let mut out = BytesMut::with_capacity(64);
+    let mut replies = 1;
+    if conn.tx_status != b'I' {
+        wire::query(&mut out, "ROLLBACK");
+        replies += 1;
+    }
+    wire::query(&mut out, "DISCARD ALL");
+    conn.send(&out).await?;
+    conn.read_until_ready_n(replies).await?;
+    if conn.tx_status != b'I' {
+        return Err(UpstreamError::Protocol("connection not idle after reset".into()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    }
+
+    #[test]
+    fn header_constant_matches() {
+        assert_eq!(URL_SAFE_NO_PAD.encode(r#"{"alg":"EdDSA"}"#), EDDSA_HEADER_B64);
+    }
+
+    #[test]
+    fn options_are_split_like_postgres() {
+        let got = client_settings(&pairs(&[
+            ("application_name", "psql"),
+            ("options", r"-c search_path=a,b --statement-timeout=5s -cwork_mem=1MB -c x.y=a\ b"),
+        ]))
+        .expect("valid");
+        assert_eq!(
+            got,
+            pairs(&[
+                ("application_name", "psql"),
+                ("search_path", "a,b"),
+                ("statement_timeout", "5s"),
+                ("work_mem", "1MB"),
+                ("x.y", "a b"),
+            ])
+        );
+    }
+
+    #[test]
+    fn identity_settings_are_refused() {
+        for bad in [
+            ("options", "-c pg_session_jwt.jwk={}"),
+            ("role", "postgres"),
+            ("options", "-c request.jwt.claims={}"),
+            ("options", "-c session-authorization=postgres"),
+        ] {
+            let e = client_settings(&pairs(&[bad])).expect_err("refused");
+            assert!(matches!(e, ClientError::ForbiddenParameter(_)), "{bad:?}: {e:?}");
+        }
+        assert!(client_settings(&pairs(&[("options", "-x")])).is_err());
+    }
+}
