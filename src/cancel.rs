@@ -53,7 +53,10 @@ impl CancelMap {
     /// Issues a fresh random key for a client attached to `backend`.
     pub fn register(self: &Arc<Self>, backend: BackendKey) -> Registration {
         let secret = rand::random::<i32>();
-        let entry = Arc::new(Entry { secret, backend: RwLock::new(Some(backend)) });
+        let entry = Arc::new(Entry {
+            secret,
+            backend: RwLock::new(Some(backend)),
+        });
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         let pid = loop {
             let pid = rand::random::<i32>() & i32::MAX;
@@ -62,12 +65,22 @@ impl CancelMap {
             }
         };
         entries.insert(pid, entry.clone());
-        Registration { pid, secret, entry, map: Arc::clone(self) }
+        Registration {
+            pid,
+            secret,
+            entry,
+            map: Arc::clone(self),
+        }
     }
 
     /// Forwards a cancel for (pid, secret) if it matches a live session.
     pub async fn cancel(&self, pid: i32, secret: i32) {
-        let entry = self.entries.lock().unwrap_or_else(|p| p.into_inner()).get(&pid).cloned();
+        let entry = self
+            .entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&pid)
+            .cloned();
         let Some(entry) = entry else {
             debug!(pid, "cancel for unknown key dropped");
             return;
@@ -84,7 +97,10 @@ impl CancelMap {
     }
 
     fn remove(&self, pid: i32) {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner()).remove(&pid);
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&pid);
     }
 }
 

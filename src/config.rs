@@ -13,7 +13,10 @@ use serde::{Deserialize, Deserializer};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid TOML: {0}")]
     Syntax(String),
     #[error("`{path}`: environment variable {var} is not set")]
@@ -54,7 +57,9 @@ pub struct ListenConfig {
 
 impl Default for ListenConfig {
     fn default() -> Self {
-        ListenConfig { addr: default_listen_addr() }
+        ListenConfig {
+            addr: default_listen_addr(),
+        }
     }
 }
 
@@ -203,7 +208,10 @@ pub struct AuthConfig {
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        AuthConfig { max_token_bytes: 16 * 1024, token_cache_entries: 10_000 }
+        AuthConfig {
+            max_token_bytes: 16 * 1024,
+            token_cache_entries: 10_000,
+        }
     }
 }
 
@@ -219,15 +227,20 @@ pub struct PoolConfig {
 
 impl Default for PoolConfig {
     fn default() -> Self {
-        PoolConfig { max_per_role: 20, acquire_timeout: Duration::from_secs(10) }
+        PoolConfig {
+            max_per_role: 20,
+            acquire_timeout: Duration::from_secs(10),
+        }
     }
 }
 
 impl Config {
     /// Reads and validates a config file, taking `${VAR}` from the process environment.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Config::parse(&text, &|var| std::env::var(var).ok())
     }
 
@@ -237,9 +250,11 @@ impl Config {
             toml::from_str(text).map_err(|e| ConfigError::Syntax(e.message().to_owned()))?;
         substitute(&mut value, String::new(), env)?;
 
-        let config: Config = serde_path_to_error::deserialize(value).map_err(|e| {
-            ConfigError::Invalid { path: e.path().to_string(), message: e.inner().to_string() }
-        })?;
+        let config: Config =
+            serde_path_to_error::deserialize(value).map_err(|e| ConfigError::Invalid {
+                path: e.path().to_string(),
+                message: e.inner().to_string(),
+            })?;
         config.validate()?;
         Ok(config)
     }
@@ -254,7 +269,10 @@ impl Config {
         }
         let token_roles = self.roles.values().filter(|r| r.requires_token).count();
         if token_roles > 0 && self.issuers.is_empty() {
-            return Err(invalid("issuers", "roles require tokens but no [[issuers]] is set"));
+            return Err(invalid(
+                "issuers",
+                "roles require tokens but no [[issuers]] is set",
+            ));
         }
         for (i, issuer) in self.issuers.iter().enumerate() {
             let path = format!("issuers[{i}]");
@@ -294,7 +312,11 @@ fn substitute(
         }
         toml::Value::Table(table) => {
             for (key, item) in table.iter_mut() {
-                let child = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+                let child = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
                 substitute(item, child, env)?;
             }
         }
@@ -303,16 +325,24 @@ fn substitute(
     Ok(())
 }
 
-fn expand(s: &str, path: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, ConfigError> {
+fn expand(
+    s: &str,
+    path: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, ConfigError> {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        let end = after.find('}').ok_or(ConfigError::BadReference { path: path.to_owned() })?;
+        let end = after.find('}').ok_or(ConfigError::BadReference {
+            path: path.to_owned(),
+        })?;
         let var = &after[..end];
-        let value = env(var)
-            .ok_or_else(|| ConfigError::MissingEnv { path: path.to_owned(), var: var.to_owned() })?;
+        let value = env(var).ok_or_else(|| ConfigError::MissingEnv {
+            path: path.to_owned(),
+            var: var.to_owned(),
+        })?;
         out.push_str(&value);
         rest = &after[end + 1..];
     }
@@ -356,7 +386,8 @@ fn parse_byte_size(s: &str) -> Result<u64, String> {
         "MiB" | "M" | "MB" => 1024 * 1024,
         _ => return Err(format!("invalid size unit in {s:?} (use B, KiB or MiB)")),
     };
-    n.checked_mul(scale).ok_or_else(|| format!("size {s:?} is too large"))
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
 fn string_or_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
@@ -410,24 +441,39 @@ mod tests {
     #[test]
     fn unset_variable_is_an_error_naming_key_and_variable() {
         let e = Config::parse(MINIMAL, &|_| None).expect_err("must fail");
-        assert_eq!(e.to_string(), "`roles.authenticated.password`: environment variable PW is not set");
+        assert_eq!(
+            e.to_string(),
+            "`roles.authenticated.password`: environment variable PW is not set"
+        );
     }
 
     #[test]
     fn bad_values_name_their_key() {
-        let text = MINIMAL.replace("[upstream]", "[pool]\nacquire_timeout = \"soon\"\n[upstream]");
-        let e = Config::parse(&text, &env).expect_err("must fail").to_string();
-        assert!(e.starts_with("`pool.acquire_timeout`: invalid duration"), "{e}");
+        let text = MINIMAL.replace(
+            "[upstream]",
+            "[pool]\nacquire_timeout = \"soon\"\n[upstream]",
+        );
+        let e = Config::parse(&text, &env)
+            .expect_err("must fail")
+            .to_string();
+        assert!(
+            e.starts_with("`pool.acquire_timeout`: invalid duration"),
+            "{e}"
+        );
 
         let text = MINIMAL.replace("[upstream]", "[upstream]\nhots = 1");
-        let e = Config::parse(&text, &env).expect_err("must fail").to_string();
+        let e = Config::parse(&text, &env)
+            .expect_err("must fail")
+            .to_string();
         assert!(e.contains("upstream") && e.contains("hots"), "{e}");
     }
 
     #[test]
     fn issuer_needs_exactly_one_key_source() {
         let text = MINIMAL.replace("jwks_url = \"https://issuer.example/jwks.json\"", "");
-        let e = Config::parse(&text, &env).expect_err("must fail").to_string();
+        let e = Config::parse(&text, &env)
+            .expect_err("must fail")
+            .to_string();
         assert_eq!(e, "`issuers[0]`: set jwks_url or jwks_file");
     }
 

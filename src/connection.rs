@@ -69,7 +69,8 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
-    let span = info_span!("conn", %peer, session = id, role = field::Empty, sub_hash = field::Empty);
+    let span =
+        info_span!("conn", %peer, session = id, role = field::Empty, sub_hash = field::Empty);
     async move {
         metrics::counter!("rlsproxy_client_connections_total").increment(1);
         metrics::gauge!("rlsproxy_client_connections_active").increment(1.0);
@@ -158,7 +159,10 @@ where
 {
     let mut out = BytesMut::new();
     wire::authentication(&mut out, wire::AUTH_CLEARTEXT_PASSWORD);
-    stream.write_all(&out).await.map_err(|e| Failure::Silent(e.into()))?;
+    stream
+        .write_all(&out)
+        .await
+        .map_err(|e| Failure::Silent(e.into()))?;
 
     // Room for the token, its NUL and the length word; a longer message is
     // refused from its length alone, before the body is read.
@@ -167,7 +171,10 @@ where
         Ok(m) => m,
         Err(WireError::BadLength { len, .. }) if len > limit as i64 => {
             let len = usize::try_from(len - 5).unwrap_or(usize::MAX);
-            let e = crate::auth::verify::TokenError::TooLarge { len, max: max_token_bytes };
+            let e = crate::auth::verify::TokenError::TooLarge {
+                len,
+                max: max_token_bytes,
+            };
             return Err(refuse_token(e));
         }
         Err(e) => return Err(wire_failure(e)),
@@ -203,8 +210,11 @@ async fn start_session(
     settings: &[(String, String)],
 ) -> Result<Checkout, Failure> {
     for attempt in 0..2 {
-        let mut checkout =
-            shared.pool.acquire(target).await.map_err(|e| e.to_client(&target.role))?;
+        let mut checkout = shared
+            .pool
+            .acquire(target)
+            .await
+            .map_err(|e| e.to_client(&target.role))?;
         match session::begin(&mut checkout.conn, spec, settings).await {
             Ok(()) => return Ok(checkout),
             Err(UpstreamError::Server(f)) => {
@@ -227,7 +237,10 @@ fn session_error(f: wire::ErrorFields) -> ClientError {
     if SETTING_ERRORS.contains(&f.code.as_str()) {
         ClientError::Upstream(f)
     } else {
-        ClientError::SessionSetup(format!("the session's claims were refused upstream: {}", f.message))
+        ClientError::SessionSetup(format!(
+            "the session's claims were refused upstream: {}",
+            f.message
+        ))
     }
 }
 

@@ -36,17 +36,28 @@ impl Proxy {
             );
         }
         let pool = Pool::new(config.pool.max_per_role, config.pool.acquire_timeout);
-        let shared =
-            Arc::new(Shared { config: Arc::new(config), auth, pool, cancels: Arc::default() });
+        let shared = Arc::new(Shared {
+            config: Arc::new(config),
+            auth,
+            pool,
+            cancels: Arc::default(),
+        });
         Ok(Proxy { listener, shared })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().unwrap_or_else(|_| self.shared.config.listen.addr)
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| self.shared.config.listen.addr)
     }
 
     pub fn cancels(&self) -> Arc<CancelMap> {
         self.shared.cancels.clone()
+    }
+
+    /// Whether at least one issuer has signing keys.
+    pub fn has_keys(&self) -> bool {
+        self.shared.auth.any_keys()
     }
 
     /// Serves clients until `shutdown` resolves.

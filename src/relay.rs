@@ -47,7 +47,11 @@ struct Framer {
 
 impl Default for Framer {
     fn default() -> Self {
-        Framer { remaining: 0, want_status: false, last_status: b'I' }
+        Framer {
+            remaining: 0,
+            want_status: false,
+            last_status: b'I',
+        }
     }
 }
 
@@ -60,7 +64,11 @@ impl Framer {
     /// and bodies in progress, never a partial header (it is kept for the
     /// next read). `on_message(tag)` sees each new message and may stop
     /// the scan before it by returning false.
-    fn scan(&mut self, data: &[u8], mut on_message: impl FnMut(u8) -> bool) -> Result<usize, BadFrame> {
+    fn scan(
+        &mut self,
+        data: &[u8],
+        mut on_message: impl FnMut(u8) -> bool,
+    ) -> Result<usize, BadFrame> {
         let mut i = 0;
         loop {
             if self.remaining > 0 {
@@ -76,10 +84,15 @@ impl Framer {
                 self.remaining -= take;
                 continue;
             }
-            let Some(header) = data.get(i..i + 5) else { return Ok(i) };
+            let Some(header) = data.get(i..i + 5) else {
+                return Ok(i);
+            };
             let tag = header[0];
             let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]);
-            let body = usize::try_from(len).ok().and_then(|l| l.checked_sub(4)).ok_or(BadFrame)?;
+            let body = usize::try_from(len)
+                .ok()
+                .and_then(|l| l.checked_sub(4))
+                .ok_or(BadFrame)?;
             if !on_message(tag) {
                 return Ok(i);
             }
@@ -117,7 +130,10 @@ where
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let mut cs = ClientSide::default();
-    let mut us = UpstreamSide { tx_status: b'I', ..Default::default() };
+    let mut us = UpstreamSide {
+        tx_status: b'I',
+        ..Default::default()
+    };
     let (mut client_rd, mut client_wr) = tokio::io::split(client);
     let (mut up_rd, mut up_wr) = tokio::io::split(upstream);
     let mut up_buf = std::mem::take(pending);
@@ -157,7 +173,11 @@ where
         buf.reserve(BUFFER_BYTES / 2);
         match rd.read_buf(&mut buf).await {
             Ok(0) => {
-                return if buf.is_empty() { End::ClientClosed } else { End::ClientError };
+                return if buf.is_empty() {
+                    End::ClientClosed
+                } else {
+                    End::ClientError
+                };
             }
             Ok(_) => {}
             Err(_) => return End::ClientError,
@@ -180,7 +200,9 @@ where
             }
             true
         });
-        let Ok(consumed) = scanned else { return End::ClientError };
+        let Ok(consumed) = scanned else {
+            return End::ClientError;
+        };
         side.bytes += consumed as u64;
         if wr.write_all(&buf[..consumed]).await.is_err() {
             return End::UpstreamClosed;
@@ -209,7 +231,9 @@ where
                 *ready_seen += u64::from(tag == b'Z');
                 true
             });
-            let Ok(consumed) = scanned else { return End::UpstreamClosed };
+            let Ok(consumed) = scanned else {
+                return End::UpstreamClosed;
+            };
             side.tx_status = side.framer.last_status;
             side.bytes += consumed as u64;
             if wr.write_all(&buf[..consumed]).await.is_err() {
@@ -278,12 +302,21 @@ mod tests {
             relay(&mut client_end, &mut upstream_end, &mut pending).await
         });
 
-        client.write_all(&msg(b'Q', b"select 1\0")).await.expect("write");
+        client
+            .write_all(&msg(b'Q', b"select 1\0"))
+            .await
+            .expect("write");
         let mut got = vec![0u8; 14];
-        upstream.read_exact(&mut got).await.expect("query reaches upstream");
+        upstream
+            .read_exact(&mut got)
+            .await
+            .expect("query reaches upstream");
         upstream.write_all(&msg(b'Z', b"T")).await.expect("write");
         let mut z = [0u8; 6];
-        client.read_exact(&mut z).await.expect("ready reaches client");
+        client
+            .read_exact(&mut z)
+            .await
+            .expect("ready reaches client");
         client.write_all(&msg(b'X', b"")).await.expect("write");
 
         let outcome = task.await.expect("relay");
@@ -300,7 +333,10 @@ mod tests {
             let mut pending = BytesMut::new();
             relay(&mut client_end, &mut upstream_end, &mut pending).await
         });
-        client.write_all(&msg(b'Q', b"select pg_sleep(9)\0")).await.expect("write");
+        client
+            .write_all(&msg(b'Q', b"select pg_sleep(9)\0"))
+            .await
+            .expect("write");
         drop(client);
         let outcome = task.await.expect("relay");
         assert_eq!(outcome.end, End::ClientClosed);

@@ -72,7 +72,8 @@ fn parse_options(options: &str) -> Result<Vec<(String, String)>, ClientError> {
         words.push(word);
     }
 
-    let bad = |w: &str| ClientError::Unsupported(format!("startup option \"{w}\" (use -c name=value)"));
+    let bad =
+        |w: &str| ClientError::Unsupported(format!("startup option \"{w}\" (use -c name=value)"));
     let mut settings = Vec::new();
     let mut words = words.into_iter();
     while let Some(w) = words.next() {
@@ -108,7 +109,11 @@ pub async fn begin(
 ) -> Result<(), UpstreamError> {
     let mut out = BytesMut::with_capacity(1024);
     for (name, value) in settings {
-        wire::extended_query(&mut out, "SELECT pg_catalog.set_config($1, $2, false)", &[name, value]);
+        wire::extended_query(
+            &mut out,
+            "SELECT pg_catalog.set_config($1, $2, false)",
+            &[name, value],
+        );
     }
     match spec.mode {
         ClaimsMode::PgSessionJwt => {
@@ -161,7 +166,9 @@ pub async fn reset(conn: &mut UpstreamConn) -> Result<(), UpstreamError> {
     conn.send(&out).await?;
     conn.read_until_ready_n(replies).await?;
     if conn.tx_status != b'I' {
-        return Err(UpstreamError::Protocol("connection not idle after reset".into()));
+        return Err(UpstreamError::Protocol(
+            "connection not idle after reset".into(),
+        ));
     }
     Ok(())
 }
@@ -171,19 +178,27 @@ mod tests {
     use super::*;
 
     fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
-        v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
     }
 
     #[test]
     fn header_constant_matches() {
-        assert_eq!(URL_SAFE_NO_PAD.encode(r#"{"alg":"EdDSA"}"#), EDDSA_HEADER_B64);
+        assert_eq!(
+            URL_SAFE_NO_PAD.encode(r#"{"alg":"EdDSA"}"#),
+            EDDSA_HEADER_B64
+        );
     }
 
     #[test]
     fn options_are_split_like_postgres() {
         let got = client_settings(&pairs(&[
             ("application_name", "psql"),
-            ("options", r"-c search_path=a,b --statement-timeout=5s -cwork_mem=1MB -c x.y=a\ b"),
+            (
+                "options",
+                r"-c search_path=a,b --statement-timeout=5s -cwork_mem=1MB -c x.y=a\ b",
+            ),
         ]))
         .expect("valid");
         assert_eq!(
@@ -207,7 +222,10 @@ mod tests {
             ("options", "-c session-authorization=postgres"),
         ] {
             let e = client_settings(&pairs(&[bad])).expect_err("refused");
-            assert!(matches!(e, ClientError::ForbiddenParameter(_)), "{bad:?}: {e:?}");
+            assert!(
+                matches!(e, ClientError::ForbiddenParameter(_)),
+                "{bad:?}: {e:?}"
+            );
         }
         assert!(client_settings(&pairs(&[("options", "-x")])).is_err());
     }

@@ -70,7 +70,11 @@ where
                 let secret = r.i32()?;
                 return Ok(Startup::Cancel { pid, secret });
             }
-            version => return Ok(Startup::Session(parse_startup(version, &mut r, stream).await?)),
+            version => {
+                return Ok(Startup::Session(
+                    parse_startup(version, &mut r, stream).await?,
+                ));
+            }
         }
     }
     Err(protocol("too many encryption requests").into())
@@ -177,12 +181,21 @@ mod tests {
         let mut input = packet(&wire::SSL_REQUEST_CODE.to_be_bytes());
         input.extend(packet(&startup_body(
             wire::PROTOCOL_3_0,
-            &[("user", "authenticated"), ("database", "app"), ("application_name", "psql")],
+            &[
+                ("user", "authenticated"),
+                ("database", "app"),
+                ("application_name", "psql"),
+            ],
         )));
         let (result, answer) = run(input).await;
         assert_eq!(answer, b"N");
-        let Ok(Startup::Session(p)) = result else { panic!("{result:?}") };
-        assert_eq!((p.user.as_str(), p.database.as_str()), ("authenticated", "app"));
+        let Ok(Startup::Session(p)) = result else {
+            panic!("{result:?}")
+        };
+        assert_eq!(
+            (p.user.as_str(), p.database.as_str()),
+            ("authenticated", "app")
+        );
         assert_eq!(p.params, vec![("application_name".into(), "psql".into())]);
     }
 
@@ -193,7 +206,9 @@ mod tests {
         input.extend(packet(&startup_body(wire::PROTOCOL_3_0, &[("user", "u")])));
         let (result, answer) = run(input).await;
         assert_eq!(answer, b"NN");
-        let Ok(Startup::Session(p)) = result else { panic!("{result:?}") };
+        let Ok(Startup::Session(p)) = result else {
+            panic!("{result:?}")
+        };
         assert_eq!(p.database, "u");
     }
 
@@ -203,7 +218,10 @@ mod tests {
         body.put_i32(7);
         body.put_i32(-9);
         let (result, _) = run(packet(&body)).await;
-        assert_eq!(result.expect("cancel"), Startup::Cancel { pid: 7, secret: -9 });
+        assert_eq!(
+            result.expect("cancel"),
+            Startup::Cancel { pid: 7, secret: -9 }
+        );
     }
 
     #[tokio::test]

@@ -76,7 +76,11 @@ async fn read_len<R: AsyncRead + Unpin>(r: &mut R) -> Result<i32, WireError> {
 fn check_len(len: i32, min: usize, max: usize) -> Result<usize, WireError> {
     match usize::try_from(len) {
         Ok(n) if n >= min && n <= max => Ok(n),
-        _ => Err(WireError::BadLength { len: len.into(), min, max }),
+        _ => Err(WireError::BadLength {
+            len: len.into(),
+            min,
+            max,
+        }),
     }
 }
 
@@ -103,19 +107,28 @@ impl<'a> Reader<'a> {
     }
 
     pub fn i32(&mut self) -> Result<i32, WireError> {
-        let (head, rest) = self.buf.split_first_chunk::<4>().ok_or(WireError::Malformed("short"))?;
+        let (head, rest) = self
+            .buf
+            .split_first_chunk::<4>()
+            .ok_or(WireError::Malformed("short"))?;
         self.buf = rest;
         Ok(i32::from_be_bytes(*head))
     }
 
     pub fn i16(&mut self) -> Result<i16, WireError> {
-        let (head, rest) = self.buf.split_first_chunk::<2>().ok_or(WireError::Malformed("short"))?;
+        let (head, rest) = self
+            .buf
+            .split_first_chunk::<2>()
+            .ok_or(WireError::Malformed("short"))?;
         self.buf = rest;
         Ok(i16::from_be_bytes(*head))
     }
 
     pub fn u8(&mut self) -> Result<u8, WireError> {
-        let (head, rest) = self.buf.split_first().ok_or(WireError::Malformed("short"))?;
+        let (head, rest) = self
+            .buf
+            .split_first()
+            .ok_or(WireError::Malformed("short"))?;
         self.buf = rest;
         Ok(*head)
     }
@@ -310,7 +323,9 @@ mod tests {
         let mut partial = BytesMut::from(&whole[..4]);
         assert!(split_typed(&mut partial, 100).expect("valid").is_none());
         partial.extend_from_slice(&whole[4..]);
-        let (tag, body) = split_typed(&mut partial, 100).expect("valid").expect("complete");
+        let (tag, body) = split_typed(&mut partial, 100)
+            .expect("valid")
+            .expect("complete");
         assert_eq!((tag, &body[..]), (b'Z', &b"I"[..]));
         assert!(partial.is_empty());
     }
@@ -336,7 +351,9 @@ mod tests {
         };
         let mut out = BytesMut::new();
         e.encode(&mut out);
-        let (tag, body) = split_typed(&mut out, 1000).expect("valid").expect("complete");
+        let (tag, body) = split_typed(&mut out, 1000)
+            .expect("valid")
+            .expect("complete");
         assert_eq!(tag, b'E');
         assert_eq!(ErrorFields::parse(&body), e);
     }

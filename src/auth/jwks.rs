@@ -133,13 +133,20 @@ impl KeySet {
 
     /// Finds the key that signed `token`: every key with its `kid` (or, with
     /// no `kid`, every key) whose type fits the token's `alg` is tried.
-    pub fn verify(&self, token: &UnverifiedToken<'_>, issuer: &str) -> Result<&VerifyKey, TokenError> {
+    pub fn verify(
+        &self,
+        token: &UnverifiedToken<'_>,
+        issuer: &str,
+    ) -> Result<&VerifyKey, TokenError> {
         if self.keys.is_empty() {
             return Err(TokenError::NoKeys(issuer.to_owned()));
         }
         let alg = token.header.alg;
         let kid = token.header.kid.as_deref();
-        let mut named = self.keys.iter().filter(|k| kid.is_none() || k.kid.as_deref() == kid);
+        let mut named = self
+            .keys
+            .iter()
+            .filter(|k| kid.is_none() || k.kid.as_deref() == kid);
         let mut candidates = named.by_ref().peekable();
         if candidates.peek().is_none() {
             return Err(TokenError::UnknownKid {
@@ -149,9 +156,14 @@ impl KeySet {
         }
         let mut fitting = candidates.filter(|k| k.fits(alg)).peekable();
         if fitting.peek().is_none() {
-            return Err(TokenError::NoFittingKey { issuer: issuer.to_owned(), alg });
+            return Err(TokenError::NoFittingKey {
+                issuer: issuer.to_owned(),
+                alg,
+            });
         }
-        fitting.find(|k| k.verify(token)).ok_or(TokenError::BadSignature)
+        fitting
+            .find(|k| k.verify(token))
+            .ok_or(TokenError::BadSignature)
     }
 
     pub fn contains(&self, id: &[u8; 32]) -> bool {
@@ -160,7 +172,9 @@ impl KeySet {
 }
 
 fn parse_key(jwk: &Value) -> Result<VerifyKey, String> {
-    let Value::Object(jwk) = jwk else { return Err("not a JSON object".into()) };
+    let Value::Object(jwk) = jwk else {
+        return Err("not a JSON object".into());
+    };
     if let Some(usage) = jwk.get("use").and_then(Value::as_str)
         && usage != "sig"
     {
@@ -185,12 +199,19 @@ fn parse_key(jwk: &Value) -> Result<VerifyKey, String> {
             let n = b64_field(jwk, "n")?;
             let e = b64_field(jwk, "e")?;
             let n = strip_leading_zeros(&n);
-            let bits = (n.len() * 8).saturating_sub(n.first().map_or(8, |b| b.leading_zeros() as usize));
+            let bits =
+                (n.len() * 8).saturating_sub(n.first().map_or(8, |b| b.leading_zeros() as usize));
             if bits < MIN_RSA_BITS {
-                return Err(format!("RSA modulus of {bits} bits is under {MIN_RSA_BITS}"));
+                return Err(format!(
+                    "RSA modulus of {bits} bits is under {MIN_RSA_BITS}"
+                ));
             }
             let material = [n, b".", strip_leading_zeros(&e)].concat();
-            (KeyType::Rsa, material, DecodingKey::from_rsa_raw_components(n, &e))
+            (
+                KeyType::Rsa,
+                material,
+                DecodingKey::from_rsa_raw_components(n, &e),
+            )
         }
         "EC" => {
             let (kind, size) = match field(jwk, "crv")? {
@@ -225,12 +246,24 @@ fn parse_key(jwk: &Value) -> Result<VerifyKey, String> {
         return Err(format!("algorithm {alg:?} does not fit a {kind:?} key"));
     }
     let kid = jwk.get("kid").and_then(Value::as_str).map(str::to_owned);
-    let id: [u8; 32] = Sha256::new().chain_update(kty).chain_update(&material).finalize().into();
-    Ok(VerifyKey { kid, alg: declared, kind, id, key })
+    let id: [u8; 32] = Sha256::new()
+        .chain_update(kty)
+        .chain_update(&material)
+        .finalize()
+        .into();
+    Ok(VerifyKey {
+        kid,
+        alg: declared,
+        kind,
+        id,
+        key,
+    })
 }
 
 fn field<'a>(jwk: &'a Map<String, Value>, name: &str) -> Result<&'a str, String> {
-    jwk.get(name).and_then(Value::as_str).ok_or_else(|| format!("no \"{name}\" string"))
+    jwk.get(name)
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("no \"{name}\" string"))
 }
 
 fn b64_field(jwk: &Map<String, Value>, name: &str) -> Result<Vec<u8>, String> {
@@ -272,14 +305,21 @@ pub struct KeySource {
 }
 
 impl KeySource {
-    pub fn new(issuer: &str, location: Location, config: &JwksConfig) -> Result<KeySource, JwksError> {
+    pub fn new(
+        issuer: &str,
+        location: Location,
+        config: &JwksConfig,
+    ) -> Result<KeySource, JwksError> {
         let client = http_client(config)?;
         Ok(KeySource {
             issuer: issuer.to_owned(),
             location,
             config: config.clone(),
             client,
-            current: RwLock::new(Cached { keys: Arc::default(), fetched_at: None }),
+            current: RwLock::new(Cached {
+                keys: Arc::default(),
+                fetched_at: None,
+            }),
             generation: AtomicU64::new(0),
             refetch_gate: tokio::sync::Mutex::new(None),
         })
@@ -347,11 +387,18 @@ impl KeySource {
                 }
                 file_stamp = stamp;
             }
-            let wait = match self.fetch().await {
+            // Under the refetch gate: a connection that finds no key waits
+            // for this fetch instead of starting one of its own.
+            let gate = self.refetch_gate.lock().await;
+            let fetched = self.fetch().await;
+            drop(gate);
+            let wait = match fetched {
                 Ok((set, ttl)) => {
                     failures = 0;
                     self.install(set);
-                    if matches!(self.location, Location::File(_)) { FILE_POLL_INTERVAL } else {
+                    if matches!(self.location, Location::File(_)) {
+                        FILE_POLL_INTERVAL
+                    } else {
                         // Refresh ahead of expiry so no connection ever waits.
                         ttl.mul_f64(0.75)
                     }
@@ -370,7 +417,10 @@ impl KeySource {
 
     fn install(&self, set: KeySet) {
         let count = set.keys.len();
-        let fresh = Cached { keys: Arc::new(set), fetched_at: Some(Instant::now()) };
+        let fresh = Cached {
+            keys: Arc::new(set),
+            fetched_at: Some(Instant::now()),
+        };
         match self.current.write() {
             Ok(mut c) => *c = fresh,
             Err(poisoned) => *poisoned.into_inner() = fresh,
@@ -391,7 +441,9 @@ impl KeySource {
 
     /// Stale-if-error is bounded: keys older than `max_stale` are dropped.
     fn expire_if_stale(&self) {
-        let Ok(mut c) = self.current.write() else { return };
+        let Ok(mut c) = self.current.write() else {
+            return;
+        };
         if let Some(at) = c.fetched_at
             && at.elapsed() > self.config.max_stale
             && !c.keys.keys.is_empty()
@@ -406,7 +458,9 @@ impl KeySource {
     async fn fetch(&self) -> Result<(KeySet, Duration), JwksError> {
         let (body, ttl) = match &self.location {
             Location::File(path) => {
-                let body = tokio::fs::read(path).await.map_err(|e| JwksError::File(e.to_string()))?;
+                let body = tokio::fs::read(path)
+                    .await
+                    .map_err(|e| JwksError::File(e.to_string()))?;
                 (body, self.config.default_ttl)
             }
             Location::Url(url) => self.fetch_url(url).await?,
@@ -416,7 +470,11 @@ impl KeySource {
             debug!(reason = %why, "jwks key skipped");
         }
         if !skipped.is_empty() {
-            info!(skipped = skipped.len(), kept = set.keys.len(), "jwks has unusable keys");
+            info!(
+                skipped = skipped.len(),
+                kept = set.keys.len(),
+                "jwks has unusable keys"
+            );
         }
         Ok((set, ttl))
     }
@@ -433,7 +491,10 @@ impl KeySource {
         if !resp.status().is_success() {
             return Err(JwksError::Status(resp.status().as_u16()));
         }
-        let ttl = cache_ttl(resp.headers().get(reqwest::header::CACHE_CONTROL), &self.config);
+        let ttl = cache_ttl(
+            resp.headers().get(reqwest::header::CACHE_CONTROL),
+            &self.config,
+        );
         let max = self.config.max_body;
         if resp.content_length().is_some_and(|n| n > max as u64) {
             return Err(JwksError::TooLarge(max));
@@ -462,10 +523,16 @@ pub fn cache_ttl(header: Option<&reqwest::header::HeaderValue>, config: &JwksCon
             return config.min_ttl;
         }
         if let Some(secs) = lower.strip_prefix("max-age=") {
-            ttl = secs.trim_matches('"').parse::<u64>().ok().map(Duration::from_secs);
+            ttl = secs
+                .trim_matches('"')
+                .parse::<u64>()
+                .ok()
+                .map(Duration::from_secs);
         }
     }
-    ttl.map_or(config.default_ttl, |t| t.clamp(config.min_ttl, config.max_ttl))
+    ttl.map_or(config.default_ttl, |t| {
+        t.clamp(config.min_ttl, config.max_ttl)
+    })
 }
 
 /// Whether `url` may be fetched over plain http: only to loopback, unless allowed.
@@ -473,7 +540,9 @@ pub fn check_url(url: &reqwest::Url, allow_http: bool) -> Result<(), String> {
     match url.scheme() {
         "https" => Ok(()),
         "http" if allow_http || is_loopback(url) => Ok(()),
-        "http" => Err(format!("{url}: http is allowed only to loopback hosts (set jwks.allow_http)")),
+        "http" => Err(format!(
+            "{url}: http is allowed only to loopback hosts (set jwks.allow_http)"
+        )),
         other => Err(format!("{url}: scheme \"{other}\" is not supported")),
     }
 }

@@ -82,7 +82,8 @@ impl Authenticator {
             let err = |message: String| AuthSetupError { index, message };
             let location = match (&ic.jwks_url, &ic.jwks_file) {
                 (Some(url), _) => {
-                    let url = reqwest::Url::parse(url).map_err(|e| err(format!("jwks_url: {e}")))?;
+                    let url =
+                        reqwest::Url::parse(url).map_err(|e| err(format!("jwks_url: {e}")))?;
                     jwks::check_url(&url, config.jwks.allow_http).map_err(err)?;
                     Location::Url(url)
                 }
@@ -106,7 +107,11 @@ impl Authenticator {
             .max_capacity(config.auth.token_cache_entries)
             .expire_after(TokenTtl)
             .build();
-        Ok(Authenticator { issuers, max_token_bytes: config.auth.max_token_bytes, cache })
+        Ok(Authenticator {
+            issuers,
+            max_token_bytes: config.auth.max_token_bytes,
+            cache,
+        })
     }
 
     /// Starts every issuer's background fetch; returns at once.
@@ -124,7 +129,10 @@ impl Authenticator {
     /// Verifies `token`; the error names the failed check.
     pub async fn verify(&self, token: &str) -> Result<Arc<VerifiedToken>, TokenError> {
         if token.len() > self.max_token_bytes {
-            return Err(TokenError::TooLarge { len: token.len(), max: self.max_token_bytes });
+            return Err(TokenError::TooLarge {
+                len: token.len(),
+                max: self.max_token_bytes,
+            });
         }
         let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if let Some(hit) = self.cache.get(&hash) {
@@ -158,7 +166,10 @@ impl Authenticator {
             Err(TokenError::UnknownKid { .. } | TokenError::NoKeys(_))
                 if issuer.source.refetch_unknown_kid(generation).await =>
             {
-                debug!(kid = unverified.header.kid.as_deref(), "retrying after jwks refetch");
+                debug!(
+                    kid = unverified.header.kid.as_deref(),
+                    "retrying after jwks refetch"
+                );
                 issuer.source.keys().verify(&unverified, name)?.id
             }
             Err(e) => return Err(e),
@@ -170,8 +181,13 @@ impl Authenticator {
             Some(Value::String(s)) => s.clone(),
             _ => return Err(TokenError::MissingClaim("sub")),
         };
-        let exp = unverified.claims.get("exp").and_then(Value::as_f64).unwrap_or(now);
-        let cache_ttl = Duration::from_secs_f64((exp - now).clamp(0.0, 1e9)).min(MAX_TOKEN_CACHE_TTL);
+        let exp = unverified
+            .claims
+            .get("exp")
+            .and_then(Value::as_f64)
+            .unwrap_or(now);
+        let cache_ttl =
+            Duration::from_secs_f64((exp - now).clamp(0.0, 1e9)).min(MAX_TOKEN_CACHE_TTL);
         Ok(VerifiedToken {
             issuer: name.clone(),
             kid: unverified.header.kid.clone(),
@@ -192,7 +208,10 @@ impl Authenticator {
                 .ok_or_else(|| TokenError::UntrustedIssuer(iss.clone())),
             None if self.issuers.len() == 1 && self.issuers[0].allow_missing_iss => Ok(0),
             None => Err(TokenError::MissingIssuer),
-            Some(_) => Err(TokenError::ClaimType { claim: "iss", expected: "a string" }),
+            Some(_) => Err(TokenError::ClaimType {
+                claim: "iss",
+                expected: "a string",
+            }),
         }
     }
 }

@@ -35,7 +35,10 @@ pub enum TokenError {
     #[error("token has no \"{0}\" claim")]
     MissingClaim(&'static str),
     #[error("token claim \"{claim}\" must be {expected}")]
-    ClaimType { claim: &'static str, expected: &'static str },
+    ClaimType {
+        claim: &'static str,
+        expected: &'static str,
+    },
     #[error("token expired at {}", rfc3339(*.0))]
     Expired(f64),
     #[error("token is not valid before {}", rfc3339(*.0))]
@@ -118,7 +121,8 @@ pub fn allowed_algorithm(alg: &str) -> Option<Algorithm> {
 /// Splits and decodes a compact JWS; checks structure only.
 pub fn parse(token: &str) -> Result<UnverifiedToken<'_>, TokenError> {
     let mut parts = token.split('.');
-    let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(h), Some(p), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(TokenError::Malformed("expected three dot-separated parts"));
     };
@@ -143,7 +147,12 @@ pub fn parse(token: &str) -> Result<UnverifiedToken<'_>, TokenError> {
     if s.is_empty() || URL_SAFE_NO_PAD.decode(s).is_err() {
         return Err(TokenError::Malformed("signature is not base64url"));
     }
-    Ok(UnverifiedToken { header: Header { alg, kid }, claims, signing_input, signature: s })
+    Ok(UnverifiedToken {
+        header: Header { alg, kid },
+        claims,
+        signing_input,
+        signature: s,
+    })
 }
 
 fn decode_json(part: &str, what: &'static str) -> Result<Map<String, Value>, TokenError> {
@@ -172,7 +181,10 @@ pub struct ClaimsPolicy {
 
 /// Seconds since the epoch, as a float like NumericDate.
 pub fn now_unix() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// The time checks alone; they run again on every verified-token cache hit.
@@ -212,7 +224,12 @@ pub fn check_claims(
     match claims.get("iss") {
         Some(Value::String(iss)) if *iss == policy.issuer => {}
         Some(Value::String(iss)) => return Err(TokenError::UntrustedIssuer(iss.clone())),
-        Some(_) => return Err(TokenError::ClaimType { claim: "iss", expected: "a string" }),
+        Some(_) => {
+            return Err(TokenError::ClaimType {
+                claim: "iss",
+                expected: "a string",
+            });
+        }
         None => {}
     }
 
@@ -233,27 +250,42 @@ pub fn check_claims(
         };
         if !ok {
             let got = claims.get("aud").map(Value::to_string).unwrap_or_default();
-            return Err(TokenError::WrongAudience { got, expected: policy.audience.clone() });
+            return Err(TokenError::WrongAudience {
+                got,
+                expected: policy.audience.clone(),
+            });
         }
     }
 
     match claims.get("sub") {
         Some(Value::String(_)) => Ok(()),
-        Some(_) => Err(TokenError::ClaimType { claim: "sub", expected: "a string" }),
+        Some(_) => Err(TokenError::ClaimType {
+            claim: "sub",
+            expected: "a string",
+        }),
         None => Err(TokenError::MissingClaim("sub")),
     }
 }
 
 /// A NumericDate claim: a JSON number (integer or float). Strings are refused,
 /// not skipped, so a token cannot dodge `exp` by quoting it.
-fn numeric_date(claims: &Map<String, Value>, name: &'static str) -> Result<Option<f64>, TokenError> {
+fn numeric_date(
+    claims: &Map<String, Value>,
+    name: &'static str,
+) -> Result<Option<f64>, TokenError> {
     match claims.get(name) {
         None => Ok(None),
         Some(Value::Number(n)) => match n.as_f64() {
             Some(t) if t.is_finite() => Ok(Some(t)),
-            _ => Err(TokenError::ClaimType { claim: name, expected: "a number" }),
+            _ => Err(TokenError::ClaimType {
+                claim: name,
+                expected: "a number",
+            }),
         },
-        Some(_) => Err(TokenError::ClaimType { claim: name, expected: "a number" }),
+        Some(_) => Err(TokenError::ClaimType {
+            claim: name,
+            expected: "a number",
+        }),
     }
 }
 
@@ -299,9 +331,18 @@ mod tests {
             (json!({"exp": "1900000000"}), "\"exp\" must be a number"),
             (json!({"nbf": NOW + 31.0}), "not valid before"),
             (json!({"iat": NOW + 31.0}), "issued in the future"),
-            (json!({"iss": "https://evil"}), "issuer \"https://evil\" is not trusted"),
-            (json!({"aud": "other"}), "audience \"other\" is not accepted"),
-            (json!({"aud": ["x", "y"]}), "audience [\"x\",\"y\"] is not accepted"),
+            (
+                json!({"iss": "https://evil"}),
+                "issuer \"https://evil\" is not trusted",
+            ),
+            (
+                json!({"aud": "other"}),
+                "audience \"other\" is not accepted",
+            ),
+            (
+                json!({"aud": ["x", "y"]}),
+                "audience [\"x\",\"y\"] is not accepted",
+            ),
             (json!({"aud": null}), "no \"aud\" claim"),
             (json!({"sub": 7}), "\"sub\" must be a string"),
             (json!({"sub": null}), "\"sub\" must be a string"),
@@ -311,7 +352,9 @@ mod tests {
             for (k, v) in claims(patch) {
                 c.insert(k, v);
             }
-            let e = check_claims(&c, &policy(), NOW).expect_err(expected).to_string();
+            let e = check_claims(&c, &policy(), NOW)
+                .expect_err(expected)
+                .to_string();
             assert!(e.contains(expected), "{e} should contain {expected}");
         }
     }
@@ -320,10 +363,16 @@ mod tests {
     fn missing_exp_and_sub_are_refused() {
         let mut c = claims(good());
         c.remove("exp");
-        assert_eq!(check_claims(&c, &policy(), NOW), Err(TokenError::MissingClaim("exp")));
+        assert_eq!(
+            check_claims(&c, &policy(), NOW),
+            Err(TokenError::MissingClaim("exp"))
+        );
         let mut c = claims(good());
         c.remove("sub");
-        assert_eq!(check_claims(&c, &policy(), NOW), Err(TokenError::MissingClaim("sub")));
+        assert_eq!(
+            check_claims(&c, &policy(), NOW),
+            Err(TokenError::MissingClaim("sub"))
+        );
     }
 
     #[test]
@@ -342,12 +391,27 @@ mod tests {
             ("a.b.c.d", "three"),
             ("", "three"),
             ("!!.e30.c2ln", "header is not base64url"),
-            (&token(json!({"alg": "none"}), good()), "\"none\" is not accepted"),
-            (&token(json!({"alg": "HS256"}), good()), "\"HS256\" is not accepted"),
+            (
+                &token(json!({"alg": "none"}), good()),
+                "\"none\" is not accepted",
+            ),
+            (
+                &token(json!({"alg": "HS256"}), good()),
+                "\"HS256\" is not accepted",
+            ),
             (&token(json!({"typ": "JWT"}), good()), "no \"alg\""),
-            (&token(json!({"alg": "ES256", "crit": ["b64"]}), good()), "crit"),
-            (&token(json!({"alg": "ES256", "kid": 5}), good()), "\"kid\" is not a string"),
-            (&token(json!({"alg": "ES256"}), json!([1])), "payload is not a JSON object"),
+            (
+                &token(json!({"alg": "ES256", "crit": ["b64"]}), good()),
+                "crit",
+            ),
+            (
+                &token(json!({"alg": "ES256", "kid": 5}), good()),
+                "\"kid\" is not a string",
+            ),
+            (
+                &token(json!({"alg": "ES256"}), json!([1])),
+                "payload is not a JSON object",
+            ),
         ];
         for (t, expected) in cases {
             let e = parse(t).expect_err(expected).to_string();
@@ -367,7 +431,13 @@ mod tests {
     fn parse_keeps_signing_input_and_kid() {
         let t = token(json!({"alg": "EdDSA", "kid": "k1"}), good());
         let u = parse(&t).expect("valid");
-        assert_eq!(u.header, Header { alg: Algorithm::EdDSA, kid: Some("k1".into()) });
+        assert_eq!(
+            u.header,
+            Header {
+                alg: Algorithm::EdDSA,
+                kid: Some("k1".into())
+            }
+        );
         assert_eq!(format!("{}.{}", u.signing_input, u.signature), t);
         assert_eq!(u.claims["sub"], "alice");
     }

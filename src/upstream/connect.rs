@@ -45,11 +45,16 @@ impl UpstreamError {
     /// What the client is told; the proxy's own credentials stay out of it.
     pub fn to_client(&self, role: &str) -> ClientError {
         match self {
-            UpstreamError::Server(f) if f.code.starts_with("28") => ClientError::UpstreamUnavailable(
-                format!("the upstream server refused the proxy's login for role \"{role}\""),
-            ),
+            UpstreamError::Server(f) if f.code.starts_with("28") => {
+                ClientError::UpstreamUnavailable(format!(
+                    "the upstream server refused the proxy's login for role \"{role}\""
+                ))
+            }
             UpstreamError::Server(f) if f.code.starts_with("57P") || f.code.starts_with("53") => {
-                ClientError::UpstreamUnavailable(format!("upstream server unavailable: {}", f.message))
+                ClientError::UpstreamUnavailable(format!(
+                    "upstream server unavailable: {}",
+                    f.message
+                ))
             }
             UpstreamError::Server(f) => ClientError::Upstream(f.clone()),
             UpstreamError::NoPassword => ClientError::UpstreamUnavailable(format!(
@@ -163,7 +168,10 @@ impl UpstreamConn {
                 return Err(UpstreamError::Server(ErrorFields::parse(&body)));
             }
             if tag != b'R' {
-                return Err(UpstreamError::Protocol(format!("unexpected message {:?}", tag as char)));
+                return Err(UpstreamError::Protocol(format!(
+                    "unexpected message {:?}",
+                    tag as char
+                )));
             }
             let mut r = Reader::new(&body);
             let mut out = BytesMut::new();
@@ -171,7 +179,10 @@ impl UpstreamConn {
                 0 => return Ok(()),
                 3 => password_message(&mut out, password()?.as_bytes()),
                 5 => {
-                    let salt: [u8; 4] = r.bytes(4)?.try_into().map_err(|_| WireError::Malformed("salt"))?;
+                    let salt: [u8; 4] = r
+                        .bytes(4)?
+                        .try_into()
+                        .map_err(|_| WireError::Malformed("salt"))?;
                     let hash = postgres_protocol::authentication::md5_hash(
                         target.role.as_bytes(),
                         password()?.as_bytes(),
@@ -195,15 +206,21 @@ impl UpstreamConn {
                     scram = Some(s);
                 }
                 11 => {
-                    let s = scram.as_mut().ok_or(UpstreamError::Protocol("SASL out of order".into()))?;
-                    s.update(r.rest()).map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+                    let s = scram
+                        .as_mut()
+                        .ok_or(UpstreamError::Protocol("SASL out of order".into()))?;
+                    s.update(r.rest())
+                        .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
                     let at = wire::begin(&mut out, b'p');
                     out.put_slice(s.message());
                     wire::finish(&mut out, at);
                 }
                 12 => {
-                    let s = scram.as_mut().ok_or(UpstreamError::Protocol("SASL out of order".into()))?;
-                    s.finish(r.rest()).map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+                    let s = scram
+                        .as_mut()
+                        .ok_or(UpstreamError::Protocol("SASL out of order".into()))?;
+                    s.finish(r.rest())
+                        .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
                     continue;
                 }
                 other => return Err(UpstreamError::UnsupportedAuth(other)),
@@ -260,7 +277,11 @@ impl UpstreamConn {
             if let Some(m) = wire::split_typed(&mut self.buf, MAX_SETUP_MESSAGE_BYTES)? {
                 return Ok(m);
             }
-            let n = self.stream.read_buf(&mut self.buf).await.map_err(WireError::Io)?;
+            let n = self
+                .stream
+                .read_buf(&mut self.buf)
+                .await
+                .map_err(WireError::Io)?;
             if n == 0 {
                 return Err(WireError::Closed.into());
             }
@@ -268,7 +289,10 @@ impl UpstreamConn {
     }
 
     pub async fn send(&mut self, bytes: &[u8]) -> Result<(), UpstreamError> {
-        self.stream.write_all(bytes).await.map_err(|e| WireError::Io(e).into())
+        self.stream
+            .write_all(bytes)
+            .await
+            .map_err(|e| WireError::Io(e).into())
     }
 
     /// Whether the server has closed this idle connection (e.g. it restarted).
@@ -298,7 +322,10 @@ fn startup_message(out: &mut BytesMut, target: &LoginTarget, key: &SessionKey) {
     if target.claims_mode == ClaimsMode::PgSessionJwt {
         // Only the startup packet can set this: a client that runs SQL on
         // this connection later cannot swap in a key of its own.
-        pair("options", &format!("-c pg_session_jwt.jwk={}", key.public_jwk()));
+        pair(
+            "options",
+            &format!("-c pg_session_jwt.jwk={}", key.public_jwk()),
+        );
     }
     out.put_u8(0);
     let len = i32::try_from(out.len() - at).unwrap_or(i32::MAX);

@@ -48,7 +48,12 @@ pub struct Checkout {
 impl Checkout {
     /// Puts a clean connection back for the next session.
     pub fn release(self) {
-        let Checkout { conn, pool, _permit, .. } = self;
+        let Checkout {
+            conn,
+            pool,
+            _permit,
+            ..
+        } = self;
         match pool.idle.lock() {
             Ok(mut idle) => idle.push(conn),
             Err(poisoned) => poisoned.into_inner().push(conn),
@@ -65,7 +70,11 @@ pub struct Pool {
 
 impl Pool {
     pub fn new(max_per_role: usize, acquire_timeout: Duration) -> Pool {
-        Pool { pools: Mutex::default(), max_per_role, acquire_timeout }
+        Pool {
+            pools: Mutex::default(),
+            max_per_role,
+            acquire_timeout,
+        }
     }
 
     fn role_pool(&self, target: &LoginTarget) -> Arc<RolePool> {
@@ -85,10 +94,17 @@ impl Pool {
     /// Lends an idle connection or opens a new one, waiting for a free slot.
     pub async fn acquire(&self, target: &LoginTarget) -> Result<Checkout, PoolError> {
         let pool = self.role_pool(target);
-        let permit = tokio::time::timeout(self.acquire_timeout, pool.in_use.clone().acquire_owned())
-            .await
-            .map_err(|_| PoolError::Timeout { waited: self.acquire_timeout, limit: self.max_per_role })?
-            .map_err(|_| PoolError::Timeout { waited: Duration::ZERO, limit: self.max_per_role })?;
+        let permit =
+            tokio::time::timeout(self.acquire_timeout, pool.in_use.clone().acquire_owned())
+                .await
+                .map_err(|_| PoolError::Timeout {
+                    waited: self.acquire_timeout,
+                    limit: self.max_per_role,
+                })?
+                .map_err(|_| PoolError::Timeout {
+                    waited: Duration::ZERO,
+                    limit: self.max_per_role,
+                })?;
 
         loop {
             let candidate = pool.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
@@ -97,10 +113,20 @@ impl Pool {
             if conn.is_closed() {
                 continue;
             }
-            return Ok(Checkout { conn, reused: true, pool, _permit: permit });
+            return Ok(Checkout {
+                conn,
+                reused: true,
+                pool,
+                _permit: permit,
+            });
         }
         let conn = UpstreamConn::connect(target).await?;
-        Ok(Checkout { conn, reused: false, pool, _permit: permit })
+        Ok(Checkout {
+            conn,
+            reused: false,
+            pool,
+            _permit: permit,
+        })
     }
 
     /// Idle connections of one pool (for tests and metrics).
