@@ -1,0 +1,180 @@
+//! A loopback issuer: serves a JWKS (and an OIDC discovery document) whose
+//! keys, status, latency and body a test can change while it runs, and
+//! counts how often it was asked.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+
+use super::TestKey;
+
+/// How the JWKS endpoint answers its next requests.
+#[derive(Clone, Debug, Default)]
+pub enum Behaviour {
+    /// 200 with the current keys.
+    #[default]
+    Normal,
+    /// This status with an empty body.
+    Status(u16),
+    /// Wait this long, then answer as `Normal`.
+    Delay(Duration),
+    /// 200 with this body verbatim (malformed JSON, odd keys).
+    Body(String),
+}
+
+/// A JWKS server on `127.0.0.1:<random port>`; stops when dropped.
+pub struct JwksServer {
+    shared: Arc<Shared>,
+    task: JoinHandle<()>,
+}
+
+struct Shared {
+    issuer: String,
+    keys: Mutex<Vec<Value>>,
+    behaviour: Mutex<Behaviour>,
+    cache_control: Mutex<Option<String>>,
+    jwks_fetches: AtomicUsize,
+    discovery_fetches: AtomicUsize,
+}
+
+impl JwksServer {
+    /// Starts with an empty key set. Needs a tokio runtime; the server runs
+    /// on the caller's runtime.
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind JWKS");
+        let addr = listener.local_addr().expect("JWKS address");
+        let shared = Arc::new(Shared {
+            issuer: format!("http://{addr}"),
+            keys: Mutex::default(),
+            behaviour: Mutex::default(),
+            cache_control: Mutex::default(),
+            jwks_fetches: AtomicUsize::default(),
+            discovery_fetches: AtomicUsize::default(),
+        });
+        let router = Router::new()
+            .route("/jwks.json", get(jwks))
+            .route("/.well-known/openid-configuration", get(discovery))
+            .with_state(shared.clone());
+        let task = tokio::spawn(async move {
+            axum::serve(listener, router).await.expect("JWKS server");
+        });
+        Self { shared, task }
+    }
+
+    /// Starts serving the public halves of `keys`.
+    pub async fn with_keys(keys: &[&TestKey]) -> Self {
+        let server = Self::start().await;
+        server.set_keys(keys);
+        server
+    }
+
+    /// The issuer's base URL (`http://127.0.0.1:<port>`), no trailing slash.
+    pub fn issuer(&self) -> String {
+        self.shared.issuer.clone()
+    }
+
+    /// The JWKS URL.
+    pub fn url(&self) -> String {
+        format!("{}/jwks.json", self.issuer())
+    }
+
+    /// Publishes the public JWKs of `keys`, replacing the previous set.
+    pub fn set_keys(&self, keys: &[&TestKey]) {
+        self.set_jwks(keys.iter().map(|k| k.jwk()).collect());
+    }
+
+    /// Publishes these JWKs verbatim (for keys a test crafts by hand).
+    pub fn set_jwks(&self, jwks: Vec<Value>) {
+        *self.shared.keys.lock().expect("keys lock") = jwks;
+    }
+
+    pub fn set_behaviour(&self, behaviour: Behaviour) {
+        *self.shared.behaviour.lock().expect("behaviour lock") = behaviour;
+    }
+
+    /// Sends this `Cache-Control` value on every JWKS answer (None: no header).
+    pub fn set_cache_control(&self, value: Option<&str>) {
+        *self
+            .shared
+            .cache_control
+            .lock()
+            .expect("cache-control lock") = value.map(str::to_owned);
+    }
+
+    /// Requests to the JWKS URL so far, whatever was answered.
+    pub fn fetch_count(&self) -> usize {
+        self.shared.jwks_fetches.load(Ordering::SeqCst)
+    }
+
+    /// Requests to the discovery document so far.
+    pub fn discovery_count(&self) -> usize {
+        self.shared.discovery_fetches.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for JwksServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn jwks(State(shared): State<Arc<Shared>>) -> Response {
+    shared.jwks_fetches.fetch_add(1, Ordering::SeqCst);
+
+    let behaviour = shared.behaviour.lock().expect("behaviour lock").clone();
+    let (status, body) = match behaviour {
+        Behaviour::Normal => (StatusCode::OK, current_jwks(&shared)),
+        Behaviour::Delay(delay) => {
+            tokio::time::sleep(delay).await;
+            (StatusCode::OK, current_jwks(&shared))
+        }
+        Behaviour::Status(code) => {
+            let status = StatusCode::from_u16(code).expect("valid HTTP status");
+            (status, String::new())
+        }
+        Behaviour::Body(body) => (StatusCode::OK, body),
+    };
+
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Some(value) = shared
+        .cache_control
+        .lock()
+        .expect("cache-control lock")
+        .as_deref()
+    {
+        let value = HeaderValue::from_str(value).expect("valid Cache-Control value");
+        headers.insert(header::CACHE_CONTROL, value);
+    }
+    (status, headers, body).into_response()
+}
+
+fn current_jwks(shared: &Shared) -> String {
+    let keys = shared.keys.lock().expect("keys lock").clone();
+    json!({ "keys": keys }).to_string()
+}
+
+async fn discovery(State(shared): State<Arc<Shared>>) -> Response {
+    shared.discovery_fetches.fetch_add(1, Ordering::SeqCst);
+
+    let issuer = &shared.issuer;
+    let body = json!({ "issuer": issuer, "jwks_uri": format!("{issuer}/jwks.json") });
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
