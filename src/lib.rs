@@ -19,6 +19,8 @@ pub mod auth;
 pub mod cancel;
 pub mod config;
 pub mod connection;
+pub mod demo;
+pub mod devissuer;
 pub mod error;
 pub mod listener;
 pub mod relay;

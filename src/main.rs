@@ -1,12 +1,20 @@
-//! The `rlsproxy` command: run the proxy, or check a config file.
+//! The `rlsproxy` command: run the proxy, check a config, or use the
+//! development issuer (serve its JWKS, mint tokens).
 
-use std::path::PathBuf;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::Map;
+use tracing::info;
 use tracing_subscriber::EnvFilter;
 
-use rlsproxy::config::Config;
+use rlsproxy::config::{Config, parse_duration};
+use rlsproxy::devissuer::{self, DevIssuer};
 use rlsproxy::listener::Proxy;
 
 /// PostgreSQL proxy that turns a JWT password into a row-level-security session.
@@ -29,6 +37,47 @@ enum Command {
     Run,
     /// Validate the config file and exit non-zero if it is wrong.
     Check,
+    /// Quickstart: throwaway Postgres + dev issuer + proxy, with sample RLS data.
+    Demo {
+        /// Run the sample queries, report and exit (for CI) instead of waiting for Ctrl-C.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Serve a development issuer's JWKS on loopback (not for production).
+    DevIssuer {
+        #[command(flatten)]
+        issuer: IssuerArgs,
+        /// Address to serve on.
+        #[arg(long, default_value = devissuer::DEFAULT_ADDR)]
+        listen: std::net::SocketAddr,
+    },
+    /// Mint a token from the development issuer's key.
+    Token {
+        #[command(flatten)]
+        issuer: IssuerArgs,
+        /// The `sub` claim (the user id your RLS policies see).
+        #[arg(long)]
+        sub: String,
+        /// The `aud` claim.
+        #[arg(long, default_value = devissuer::DEFAULT_AUDIENCE)]
+        audience: String,
+        /// Lifetime, such as "1h" or "10m".
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        ttl: Duration,
+        /// Extra claim as key=value (value parsed as JSON if it can be); repeatable.
+        #[arg(long = "claim", value_parser = devissuer::parse_claim)]
+        claims: Vec<(String, serde_json::Value)>,
+    },
+}
+
+#[derive(clap::Args)]
+struct IssuerArgs {
+    /// The development issuer's private key (created on first use).
+    #[arg(long, default_value = rlsproxy::demo::DEFAULT_KEY_FILE)]
+    key_file: PathBuf,
+    /// The issuer URL, used as the tokens' `iss`.
+    #[arg(long, default_value = concat!("http://", "127.0.0.1:9931"))]
+    issuer: String,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -40,13 +89,6 @@ enum LogFormat {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
-    let config = match Config::load(&cli.config) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("rlsproxy: {}: {e}", cli.config.display());
-            return ExitCode::FAILURE;
-        }
-    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -55,8 +97,23 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command.unwrap_or(Command::Run) {
-        Command::Check => runtime.block_on(check(config, &cli.config)),
-        Command::Run => runtime.block_on(run(config)),
+        Command::Run => load(&cli.config).and_then(|c| runtime.block_on(run(c))),
+        Command::Check => load(&cli.config).and_then(|c| check(&c, &cli.config)),
+        Command::Demo { check } => {
+            let options = rlsproxy::demo::DemoOptions {
+                config: Some(cli.config.clone()),
+                check,
+            };
+            runtime.block_on(rlsproxy::demo::run(options))
+        }
+        Command::DevIssuer { issuer, listen } => runtime.block_on(dev_issuer(&issuer, listen)),
+        Command::Token {
+            issuer,
+            sub,
+            audience,
+            ttl,
+            claims,
+        } => token(&issuer, &sub, &audience, ttl, claims),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -71,6 +128,7 @@ fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -78,8 +136,12 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-async fn check(config: Config, path: &std::path::Path) -> anyhow::Result<()> {
-    rlsproxy::auth::Authenticator::new(&config)?;
+fn load(path: &Path) -> anyhow::Result<Config> {
+    Config::load(path).with_context(|| format!("{}", path.display()))
+}
+
+fn check(config: &Config, path: &Path) -> anyhow::Result<()> {
+    rlsproxy::auth::Authenticator::new(config)?;
     println!("{}: ok", path.display());
     Ok(())
 }
@@ -91,5 +153,31 @@ async fn run(config: Config) -> anyhow::Result<()> {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await;
+    Ok(())
+}
+
+async fn dev_issuer(args: &IssuerArgs, listen: std::net::SocketAddr) -> anyhow::Result<()> {
+    let issuer = Arc::new(DevIssuer::load_or_create(&args.key_file, &args.issuer)?);
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    info!(jwks = %DevIssuer::jwks_url(listen), iss = %issuer.issuer, "development issuer serving");
+    tokio::select! {
+        served = issuer.serve(listener) => served?,
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    Ok(())
+}
+
+fn token(
+    args: &IssuerArgs,
+    sub: &str,
+    audience: &str,
+    ttl: Duration,
+    claims: Vec<(String, serde_json::Value)>,
+) -> anyhow::Result<()> {
+    let issuer = DevIssuer::load_or_create(&args.key_file, &args.issuer)?;
+    let extra: Map<String, serde_json::Value> = claims.into_iter().collect();
+    println!("{}", issuer.mint(sub, audience, ttl, &extra));
     Ok(())
 }
