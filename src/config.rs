@@ -45,20 +45,75 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub pool: PoolConfig,
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    #[serde(default)]
+    pub admin: AdminConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct ListenConfig {
     /// Address the proxy accepts clients on.
-    #[serde(default = "default_listen_addr")]
     pub addr: SocketAddr,
+    /// Client connections served at once; the next one is refused.
+    pub max_clients: usize,
+    /// Time a client has to finish start-up and authentication.
+    #[serde(deserialize_with = "duration")]
+    pub startup_timeout: Duration,
+    /// On SIGTERM, time running sessions get to finish before they are closed.
+    #[serde(deserialize_with = "duration")]
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for ListenConfig {
     fn default() -> Self {
         ListenConfig {
             addr: default_listen_addr(),
+            max_clients: 1000,
+            startup_timeout: Duration::from_secs(10),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// TLS for client connections.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// Refuse clients that do not ask for TLS; default: true unless
+    /// `listen.addr` is loopback.
+    #[serde(default)]
+    pub require: Option<bool>,
+}
+
+/// TLS to the upstream server, as libpq's `sslmode`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    #[default]
+    Disable,
+    /// Encrypt without checking the certificate.
+    Require,
+    /// Encrypt and check the certificate chain and host name.
+    VerifyFull,
+}
+
+/// The HTTP endpoint for metrics and health checks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub addr: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            addr: SocketAddr::from(([127, 0, 0, 1], 9930)),
         }
     }
 }
@@ -76,6 +131,11 @@ pub struct UpstreamConfig {
     /// Time allowed for TCP connect plus login to the upstream server.
     #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
     pub connect_timeout: Duration,
+    #[serde(default)]
+    pub sslmode: SslMode,
+    /// CA certificates (PEM) for `verify-full`; the platform's roots when unset.
+    #[serde(default)]
+    pub root_cert: Option<PathBuf>,
 }
 
 fn default_pg_port() -> u16 {
@@ -223,6 +283,12 @@ pub struct PoolConfig {
     /// How long a client waits for a free upstream connection.
     #[serde(deserialize_with = "duration")]
     pub acquire_timeout: Duration,
+    /// An idle upstream connection is closed after this long unused.
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// An upstream connection is not reused once this old.
+    #[serde(deserialize_with = "duration")]
+    pub max_lifetime: Duration,
 }
 
 impl Default for PoolConfig {
@@ -230,11 +296,22 @@ impl Default for PoolConfig {
         PoolConfig {
             max_per_role: 20,
             acquire_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(600),
+            max_lifetime: Duration::from_secs(3600),
         }
     }
 }
 
 impl Config {
+    /// Whether clients must use TLS: `tls.require`, by default true when
+    /// TLS is configured and the proxy listens beyond loopback.
+    pub fn tls_required(&self) -> bool {
+        match &self.tls {
+            Some(t) => t.require.unwrap_or(!self.listen.addr.ip().is_loopback()),
+            None => false,
+        }
+    }
+
     /// Reads and validates a config file, taking `${VAR}` from the process environment.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -289,6 +366,15 @@ impl Config {
         }
         if self.pool.max_per_role == 0 {
             return Err(invalid("pool.max_per_role", "must be at least 1"));
+        }
+        if self.listen.max_clients == 0 {
+            return Err(invalid("listen.max_clients", "must be at least 1"));
+        }
+        if self.upstream.root_cert.is_some() && self.upstream.sslmode != SslMode::VerifyFull {
+            return Err(invalid(
+                "upstream.root_cert",
+                "only used with sslmode = \"verify-full\"",
+            ));
         }
         if self.jwks.min_ttl > self.jwks.max_ttl {
             return Err(invalid("jwks.min_ttl", "must not exceed jwks.max_ttl"));

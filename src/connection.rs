@@ -1,32 +1,28 @@
-//! One client connection from first byte to close: startup, role and token,
-//! upstream checkout and session set-up, hand-over, relay, release.
+//! One client connection from first byte to close: startup (and TLS),
+//! role and token, upstream checkout and session set-up, hand-over, relay,
+//! release.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout_at};
 use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
+use crate::auth::verify::TokenError;
 use crate::auth::{Authenticator, VerifiedToken};
-use crate::cancel::{BackendKey, CancelMap};
-use crate::config::Config;
+use crate::cancel::BackendKey;
 use crate::error::ClientError;
 use crate::relay::{self, End};
 use crate::session::{self, SessionSpec};
-use crate::startup::{self, Startup, StartupError, StartupParams};
+use crate::startup::{self, Encryption, Startup, StartupError, StartupParams};
+use crate::state::{ClientSlot, Shared, State};
 use crate::upstream::connect::{LoginTarget, UpstreamError};
-use crate::upstream::pool::{Checkout, Pool};
+use crate::upstream::pool::Checkout;
 use crate::wire::{self, WireError};
-
-/// State shared by every connection.
-pub struct Shared {
-    pub config: Arc<Config>,
-    pub auth: Authenticator,
-    pub pool: Pool,
-    pub cancels: Arc<CancelMap>,
-}
 
 static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
 
@@ -63,33 +59,134 @@ fn wire_failure(e: WireError) -> Failure {
     }
 }
 
+/// What one connection works with.
+struct Ctx<'a> {
+    shared: &'a Shared,
+    state: &'a State,
+    /// Start-up and authentication must be over by then.
+    deadline: Instant,
+    /// Counted under `max_clients`; `None` means refuse once we can speak.
+    slot: Option<ClientSlot>,
+}
+
 /// Serves one client connection to its end; never panics on client input.
-pub async fn handle<S>(mut stream: S, peer: std::net::SocketAddr, shared: Arc<Shared>)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+pub async fn handle(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    slot: Option<ClientSlot>,
+) {
     let id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
     let span =
         info_span!("conn", %peer, session = id, role = field::Empty, sub_hash = field::Empty);
     async move {
         metrics::counter!("rlsproxy_client_connections_total").increment(1);
         metrics::gauge!("rlsproxy_client_connections_active").increment(1.0);
-        if let Err(failure) = serve(&mut stream, &shared).await {
-            match failure {
-                Failure::Refuse(e) => {
-                    metrics::counter!("rlsproxy_client_refusals_total", "reason" => e.kind())
-                        .increment(1);
-                    warn!(error = %e, kind = e.kind(), "client refused");
-                    let _ = send_error(&mut stream, &e).await;
-                }
-                Failure::Silent(e) => debug!(error = %e, "client connection ended"),
-            }
-        }
-        let _ = stream.shutdown().await;
+        let state = shared.state();
+        let deadline = Instant::now() + state.config.listen.startup_timeout;
+        let ctx = Ctx {
+            shared: &shared,
+            state: &state,
+            deadline,
+            slot,
+        };
+        accept(tcp, ctx).await;
         metrics::gauge!("rlsproxy_client_connections_active").decrement(1.0);
     }
     .instrument(span)
     .await
+}
+
+/// The plaintext start: answers SSLRequest, upgrades to TLS if asked.
+async fn accept(mut tcp: TcpStream, ctx: Ctx<'_>) {
+    let encryption = if ctx.state.tls.is_some() {
+        Encryption::Offered
+    } else {
+        Encryption::Unavailable
+    };
+    let Ok(first) = timeout_at(ctx.deadline, startup::negotiate(&mut tcp, encryption)).await else {
+        debug!("client did not finish start-up in time");
+        return;
+    };
+    match first {
+        Ok(Startup::TlsRequested) => {
+            // Bytes already waiting were sent before our answer, in clear
+            // text: taking them as part of the TLS session would let an
+            // attacker inject them (CVE-2021-3935 in PgBouncer).
+            if has_unread_bytes(&tcp) {
+                let e = ClientError::Protocol("received unencrypted data after SSLRequest".into());
+                report(&mut tcp, Failure::Refuse(e)).await;
+                return;
+            }
+            let Some(acceptor) = ctx.state.tls.clone() else {
+                return;
+            };
+            if tcp.write_all(b"S").await.is_err() {
+                return;
+            }
+            // A failed handshake is closed silently: there is no channel
+            // left to speak to the client on.
+            let tls = match timeout_at(ctx.deadline, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => return debug!(error = %e, "TLS handshake failed"),
+                Err(_) => return debug!("TLS handshake timed out"),
+            };
+            let mut tls = tls;
+            match timeout_at(
+                ctx.deadline,
+                startup::negotiate(&mut tls, Encryption::Established),
+            )
+            .await
+            {
+                Ok(Ok(Startup::Session(params))) => finish(&mut tls, params, ctx).await,
+                Ok(Ok(Startup::Cancel { pid, secret })) => {
+                    ctx.shared.cancels.cancel(pid, secret).await
+                }
+                Ok(Ok(Startup::TlsRequested)) => {}
+                Ok(Err(e)) => report(&mut tls, e.into()).await,
+                Err(_) => debug!("client did not finish start-up in time"),
+            }
+        }
+        Ok(Startup::Session(params)) => {
+            if ctx.state.config.tls_required() {
+                // Refused before the password is asked for: the token
+                // would otherwise cross the network in clear text.
+                report(&mut tcp, Failure::Refuse(ClientError::TlsRequired)).await;
+                return;
+            }
+            finish(&mut tcp, params, ctx).await;
+        }
+        Ok(Startup::Cancel { pid, secret }) => ctx.shared.cancels.cancel(pid, secret).await,
+        Err(e) => report(&mut tcp, e.into()).await,
+    }
+}
+
+fn has_unread_bytes(tcp: &TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    let mut buf = tokio::io::ReadBuf::new(&mut probe);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    matches!(tcp.poll_peek(&mut cx, &mut buf), std::task::Poll::Ready(Ok(n)) if n > 0)
+}
+
+async fn finish<S>(stream: &mut S, params: StartupParams, ctx: Ctx<'_>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if let Err(failure) = serve(stream, &params, &ctx).await {
+        report(stream, failure).await;
+    }
+    let _ = stream.shutdown().await;
+}
+
+async fn report<S: AsyncWrite + Unpin>(stream: &mut S, failure: Failure) {
+    match failure {
+        Failure::Refuse(e) => {
+            metrics::counter!("rlsproxy_client_refusals_total", "reason" => e.kind()).increment(1);
+            warn!(error = %e, kind = e.kind(), "client refused");
+            let _ = send_error(stream, &e).await;
+        }
+        Failure::Silent(e) => debug!(error = %e, "client connection ended"),
+    }
 }
 
 async fn send_error<S: AsyncWrite + Unpin>(stream: &mut S, e: &ClientError) -> std::io::Result<()> {
@@ -99,53 +196,53 @@ async fn send_error<S: AsyncWrite + Unpin>(stream: &mut S, e: &ClientError) -> s
     stream.flush().await
 }
 
-async fn serve<S>(stream: &mut S, shared: &Shared) -> Result<(), Failure>
+async fn serve<S>(stream: &mut S, params: &StartupParams, ctx: &Ctx<'_>) -> Result<(), Failure>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let params = match startup::negotiate(stream).await? {
-        Startup::Cancel { pid, secret } => {
-            shared.cancels.cancel(pid, secret).await;
-            return Ok(());
-        }
-        Startup::Session(params) => params,
-    };
+    let config = &ctx.state.config;
+    if ctx.slot.is_none() {
+        return Err(ClientError::TooManyClients(config.listen.max_clients).into());
+    }
     Span::current().record("role", params.user.as_str());
 
     // Refuse unknown roles before any token work.
-    let role = shared
-        .config
+    let role = config
         .roles
         .get(&params.user)
         .ok_or_else(|| ClientError::UnknownRole(params.user.clone()))?;
     let settings = session::client_settings(&params.params)?;
     let token = if role.requires_token {
-        Some(authenticate(stream, &shared.auth, shared.config.auth.max_token_bytes).await?)
+        let auth = authenticate(stream, &ctx.state.auth, config.auth.max_token_bytes);
+        let verified = timeout_at(ctx.deadline, auth)
+            .await
+            .map_err(|_| ClientError::StartupTimeout(config.listen.startup_timeout))??;
+        Span::current().record("sub_hash", verified.sub_hash());
+        debug!(kid = verified.kid.as_deref(), iss = %verified.issuer, "token accepted");
+        Some(verified)
     } else {
         None
     };
-    if let Some(t) = &token {
-        Span::current().record("sub_hash", t.sub_hash());
-        debug!(kid = t.kid.as_deref(), iss = %t.issuer, "token accepted");
-    }
 
     let target = LoginTarget {
-        host: shared.config.upstream.host.clone(),
-        port: shared.config.upstream.port,
+        host: config.upstream.host.clone(),
+        port: config.upstream.port,
         database: params.database.clone(),
         role: params.user.clone(),
         password: role.password.clone(),
-        claims_mode: shared.config.claims.mode,
-        connect_timeout: shared.config.upstream.connect_timeout,
+        claims_mode: config.claims.mode,
+        connect_timeout: config.upstream.connect_timeout,
+        tls: ctx.state.upstream_tls.clone(),
     };
     let spec = SessionSpec {
         role: &params.user,
         claims: token.as_ref().map(|t| &t.claims),
-        mode: shared.config.claims.mode,
+        mode: config.claims.mode,
         params: &params.params,
     };
-    let checkout = start_session(shared, &target, &spec, &settings).await?;
-    relay_session(stream, shared, checkout, &params).await
+    let checkout = start_session(ctx.shared, &target, &spec, &settings).await?;
+    ctx.shared.upstream_answered();
+    relay_session(stream, ctx.shared, checkout, params).await
 }
 
 /// Asks for the password and verifies it as a JWT.
@@ -171,11 +268,10 @@ where
         Ok(m) => m,
         Err(WireError::BadLength { len, .. }) if len > limit as i64 => {
             let len = usize::try_from(len - 5).unwrap_or(usize::MAX);
-            let e = crate::auth::verify::TokenError::TooLarge {
+            return Err(refuse_token(TokenError::TooLarge {
                 len,
                 max: max_token_bytes,
-            };
-            return Err(refuse_token(e));
+            }));
         }
         Err(e) => return Err(wire_failure(e)),
     };
@@ -196,7 +292,7 @@ where
     auth.verify(token.trim()).await.map_err(refuse_token)
 }
 
-fn refuse_token(e: crate::auth::verify::TokenError) -> Failure {
+fn refuse_token(e: TokenError) -> Failure {
     metrics::counter!("rlsproxy_tokens_refused_total", "reason" => e.reason()).increment(1);
     Failure::Refuse(ClientError::InvalidToken(e.to_string()))
 }
@@ -253,7 +349,7 @@ async fn relay_session<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let started = Instant::now();
+    let started = std::time::Instant::now();
     let conn = &mut checkout.conn;
     let registration = shared.cancels.register(BackendKey {
         addr: conn.addr,
@@ -273,7 +369,8 @@ where
         return Err(Failure::Silent(e.into()));
     }
 
-    let outcome = relay::relay(stream, &mut conn.stream, &mut conn.buf).await;
+    let closing = shared.close_sessions.cancelled();
+    let outcome = relay::relay(stream, &mut conn.stream, &mut conn.buf, closing).await;
     registration.detach().await;
     conn.tx_status = outcome.tx_status;
     metrics::counter!("rlsproxy_bytes_relayed_total", "direction" => "client_to_upstream")
@@ -290,8 +387,16 @@ where
         "session ended"
     );
 
-    if outcome.end == End::UpstreamClosed && outcome.client_at_boundary {
-        let e = ClientError::UpstreamUnavailable("the upstream connection was lost".into());
+    // An error message may only follow whole messages, or it would corrupt
+    // the client's view of the stream.
+    let notice = match outcome.end {
+        End::UpstreamClosed => Some(ClientError::UpstreamUnavailable(
+            "the upstream connection was lost".into(),
+        )),
+        End::Shutdown => Some(ClientError::ShuttingDown),
+        _ => None,
+    };
+    if let Some(e) = notice.filter(|_| outcome.client_at_boundary) {
         let _ = send_error(stream, &e).await;
     }
     if outcome.idle {

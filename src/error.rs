@@ -41,8 +41,17 @@ pub enum ClientError {
     #[error("{0}")]
     SessionSetup(String),
     /// The proxy is shutting down.
-    #[error("the proxy is shutting down")]
+    #[error("terminating connection: the proxy is shutting down")]
     ShuttingDown,
+    /// The client must use TLS and did not ask for it.
+    #[error("TLS is required: connect with sslmode=require (the token would travel in clear text)")]
+    TlsRequired,
+    /// `max_clients` connections are already served.
+    #[error("too many clients: this proxy serves at most {0} at once")]
+    TooManyClients(usize),
+    /// Start-up and authentication took longer than `startup_timeout`.
+    #[error("start-up and authentication did not finish within {0:?}")]
+    StartupTimeout(std::time::Duration),
 }
 
 impl ClientError {
@@ -64,6 +73,9 @@ impl ClientError {
             ClientError::PoolTimeout(_) => ("53300", self.to_string()),
             ClientError::SessionSetup(_) => ("28000", self.to_string()),
             ClientError::ShuttingDown => ("57P01", self.to_string()),
+            ClientError::TlsRequired => ("08004", self.to_string()),
+            ClientError::TooManyClients(_) => ("53300", self.to_string()),
+            ClientError::StartupTimeout(_) => ("57014", self.to_string()),
         };
         ErrorFields {
             severity: "FATAL".to_owned(),
@@ -88,6 +100,9 @@ impl ClientError {
             ClientError::PoolTimeout(_) => "pool_timeout",
             ClientError::SessionSetup(_) => "session_setup",
             ClientError::ShuttingDown => "shutting_down",
+            ClientError::TlsRequired => "tls_required",
+            ClientError::TooManyClients(_) => "too_many_clients",
+            ClientError::StartupTimeout(_) => "startup_timeout",
         }
     }
 }

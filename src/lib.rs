@@ -15,6 +15,7 @@
 //!
 //! [`config`], [`error`] and [`wire`] are leaves used by every stage.
 
+pub mod admin;
 pub mod auth;
 pub mod cancel;
 pub mod config;
@@ -26,5 +27,7 @@ pub mod listener;
 pub mod relay;
 pub mod session;
 pub mod startup;
+pub mod state;
+pub mod tls;
 pub mod upstream;
 pub mod wire;

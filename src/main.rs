@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::Map;
-use tracing::info;
+use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
 
 use rlsproxy::config::{Config, parse_duration};
@@ -97,7 +97,9 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command.unwrap_or(Command::Run) {
-        Command::Run => load(&cli.config).and_then(|c| runtime.block_on(run(c))),
+        Command::Run => {
+            load(&cli.config).and_then(|c| runtime.block_on(run(c, cli.config.clone())))
+        }
         Command::Check => load(&cli.config).and_then(|c| check(&c, &cli.config)),
         Command::Demo { check } => {
             let options = rlsproxy::demo::DemoOptions {
@@ -146,11 +148,41 @@ fn check(config: &Config, path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+
+    rlsproxy::admin::metrics_handle();
+    let admin_addr = config.admin.addr;
     let proxy = Proxy::bind(config).await?;
+    let handle = proxy.handle();
+    let admin = tokio::net::TcpListener::bind(admin_addr)
+        .await
+        .with_context(|| format!("admin endpoint cannot bind {admin_addr}"))?;
+    info!(addr = %admin_addr, "admin endpoint: /metrics /healthz /readyz");
+    tokio::spawn(rlsproxy::admin::serve(admin, handle.clone()));
+
+    let mut hangups = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            // A broken file must not take the running proxy down: refuse
+            // it, say why, keep serving with what we have.
+            let reloaded = match Config::load(&path) {
+                Ok(config) => handle.reload(config).await,
+                Err(e) => Err(e.into()),
+            };
+            if let Err(e) = reloaded {
+                error!(error = %format!("{e:#}"), "reload refused; the running configuration stays");
+            }
+        }
+    });
+
+    let mut terminate = signal(SignalKind::terminate())?;
     proxy
-        .run(async {
-            let _ = tokio::signal::ctrl_c().await;
+        .run(async move {
+            tokio::select! {
+                _ = terminate.recv() => info!("SIGTERM: shutting down"),
+                _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
+            }
         })
         .await;
     Ok(())

@@ -19,6 +19,8 @@ pub enum End {
     ClientError,
     /// The upstream closed or failed.
     UpstreamClosed,
+    /// The proxy is shutting down and the drain time is over.
+    Shutdown,
 }
 
 /// The relay's result: whether the upstream is reusable and what flowed.
@@ -122,9 +124,14 @@ struct UpstreamSide {
     bytes: u64,
 }
 
-/// Relays until the client terminates or either side closes. `pending`
-/// holds upstream bytes already read during set-up; it is left empty.
-pub async fn relay<C, U>(client: &mut C, upstream: &mut U, pending: &mut BytesMut) -> Outcome
+/// Relays until the client terminates, either side closes or `shutdown`
+/// resolves. `pending` holds upstream bytes already read during set-up.
+pub async fn relay<C, U>(
+    client: &mut C,
+    upstream: &mut U,
+    pending: &mut BytesMut,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Outcome
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
@@ -144,6 +151,7 @@ where
         tokio::select! {
             end = to_upstream => end,
             end = to_client => end,
+            () = shutdown => End::Shutdown,
         }
     };
 
@@ -299,7 +307,13 @@ mod tests {
         let (mut upstream, mut upstream_end) = duplex(1 << 16);
         let task = tokio::spawn(async move {
             let mut pending = BytesMut::new();
-            relay(&mut client_end, &mut upstream_end, &mut pending).await
+            relay(
+                &mut client_end,
+                &mut upstream_end,
+                &mut pending,
+                std::future::pending(),
+            )
+            .await
         });
 
         client
@@ -331,7 +345,13 @@ mod tests {
         let (_upstream, mut upstream_end) = duplex(1 << 16);
         let task = tokio::spawn(async move {
             let mut pending = BytesMut::new();
-            relay(&mut client_end, &mut upstream_end, &mut pending).await
+            relay(
+                &mut client_end,
+                &mut upstream_end,
+                &mut pending,
+                std::future::pending(),
+            )
+            .await
         });
         client
             .write_all(&msg(b'Q', b"select pg_sleep(9)\0"))

@@ -1,6 +1,7 @@
-//! The first packets of a client connection: SSLRequest and GSSENCRequest
-//! (answered `N`: this build has no client TLS and never offers GSSAPI
-//! encryption), CancelRequest, and the protocol 3.x StartupMessage.
+//! The first packets of a client connection: SSLRequest (handed back to the
+//! caller when TLS is configured, else answered `N`), GSSENCRequest (always
+//! `N`: GSSAPI encryption is not offered), CancelRequest, and the protocol
+//! 3.x StartupMessage.
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -14,9 +15,22 @@ pub const MAX_STARTUP_PACKET_BYTES: usize = 10_000;
 /// Encryption requests a client may make before its StartupMessage.
 const MAX_NEGOTIATIONS: usize = 2;
 
+/// Where the connection stands on TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encryption {
+    /// No TLS configured: SSLRequest is answered `N`.
+    Unavailable,
+    /// TLS configured and not yet started: SSLRequest is returned to the caller.
+    Offered,
+    /// Already inside TLS: another SSLRequest is a protocol violation.
+    Established,
+}
+
 /// What the client wants after the startup phase.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Startup {
+    /// The client asked for TLS; the caller answers `S` and does the handshake.
+    TlsRequested,
     /// A new session.
     Session(StartupParams),
     /// A cancel request for the session that got this (pid, secret).
@@ -48,7 +62,7 @@ impl From<ClientError> for StartupError {
 
 /// Reads packets until a StartupMessage or CancelRequest arrives, answering
 /// encryption requests on the way.
-pub async fn negotiate<S>(stream: &mut S) -> Result<Startup, StartupError>
+pub async fn negotiate<S>(stream: &mut S, encryption: Encryption) -> Result<Startup, StartupError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -61,9 +75,17 @@ where
                 if !r.is_empty() {
                     return Err(protocol("encryption request with trailing bytes").into());
                 }
-                // Plaintext continues on this socket; nothing has been read
-                // past the request, so no stuffed bytes can be mistaken later.
-                stream.write_all(b"N").await.map_err(WireError::Io)?;
+                match (code, encryption) {
+                    (wire::SSL_REQUEST_CODE, Encryption::Offered) => {
+                        return Ok(Startup::TlsRequested);
+                    }
+                    (wire::SSL_REQUEST_CODE, Encryption::Established) => {
+                        return Err(protocol("SSLRequest on an encrypted connection").into());
+                    }
+                    // Plaintext continues on this socket; nothing has been
+                    // read past the request, so no stuffed bytes are lost.
+                    _ => stream.write_all(b"N").await.map_err(WireError::Io)?,
+                }
             }
             wire::CANCEL_REQUEST_CODE => {
                 let pid = r.i32()?;
@@ -169,7 +191,7 @@ mod tests {
         let (mut client, mut server) = duplex(1 << 16);
         client.write_all(&input).await.expect("write");
         client.shutdown().await.expect("shutdown");
-        let result = negotiate(&mut server).await;
+        let result = negotiate(&mut server, Encryption::Unavailable).await;
         drop(server);
         let mut answer = Vec::new();
         client.read_to_end(&mut answer).await.expect("read");

@@ -65,6 +65,22 @@ pub struct Authenticator {
     /// Verified tokens by SHA-256 of the whole token; a hit skips the
     /// signature but never the time checks.
     cache: moka::sync::Cache<[u8; 32], Arc<VerifiedToken>>,
+    /// Background refresh tasks, stopped when this authenticator is dropped
+    /// (a reload replaces it).
+    refreshers: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Authenticator {
+    fn drop(&mut self) {
+        for task in self
+            .refreshers
+            .get_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+        {
+            task.abort();
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,14 +127,21 @@ impl Authenticator {
             issuers,
             max_token_bytes: config.auth.max_token_bytes,
             cache,
+            refreshers: std::sync::Mutex::default(),
         })
     }
 
     /// Starts every issuer's background fetch; returns at once.
     pub fn start(&self) {
+        let mut tasks = self.refreshers.lock().unwrap_or_else(|p| p.into_inner());
         for issuer in &self.issuers {
-            issuer.source.spawn_refresh();
+            tasks.push(issuer.source.spawn_refresh());
         }
+    }
+
+    /// Whether every issuer has keys (a reload waits for this, bounded).
+    pub fn all_keys(&self) -> bool {
+        self.issuers.iter().all(|i| i.source.has_keys())
     }
 
     /// Whether at least one issuer has keys.

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use crate::config::ClaimsMode;
 use crate::error::ClientError;
+use crate::upstream::stream::UpstreamStream;
 use crate::wire::{self, ErrorFields, Reader, WireError};
 
 /// Largest message accepted from the upstream during login and session set-up.
@@ -39,6 +40,10 @@ pub enum UpstreamError {
     Wire(#[from] WireError),
     #[error("key generation failed")]
     Crypto,
+    #[error("the upstream server does not accept TLS (sslmode requires it)")]
+    TlsRefused,
+    #[error("TLS handshake with the upstream server failed: {0}")]
+    Tls(std::io::Error),
 }
 
 impl UpstreamError {
@@ -75,6 +80,8 @@ pub struct LoginTarget {
     pub password: Option<String>,
     pub claims_mode: ClaimsMode,
     pub connect_timeout: Duration,
+    /// TLS to the upstream (sslmode require or verify-full).
+    pub tls: Option<tokio_rustls::TlsConnector>,
 }
 
 /// The per-connection signing key whose public half the backend trusts.
@@ -103,7 +110,7 @@ impl SessionKey {
 
 /// A logged-in upstream connection, idle at a message boundary.
 pub struct UpstreamConn {
-    pub stream: TcpStream,
+    pub stream: UpstreamStream,
     /// Bytes read past the last parsed message.
     pub buf: BytesMut,
     /// ParameterStatus values reported by the server.
@@ -126,11 +133,17 @@ impl UpstreamConn {
     }
 
     async fn connect_inner(target: &LoginTarget) -> Result<UpstreamConn, UpstreamError> {
-        let stream = TcpStream::connect((target.host.as_str(), target.port))
+        let tcp = TcpStream::connect((target.host.as_str(), target.port))
             .await
             .map_err(UpstreamError::Connect)?;
-        stream.set_nodelay(true).map_err(UpstreamError::Connect)?;
-        let addr = stream.peer_addr().map_err(UpstreamError::Connect)?;
+        tcp.set_nodelay(true).map_err(UpstreamError::Connect)?;
+        let addr = tcp.peer_addr().map_err(UpstreamError::Connect)?;
+        let stream = match &target.tls {
+            None => UpstreamStream::Plain(tcp),
+            Some(connector) => {
+                UpstreamStream::Tls(Box::new(start_tls(tcp, connector, &target.host).await?))
+            }
+        };
         let key = SessionKey::generate()?;
         let mut conn = UpstreamConn {
             stream,
@@ -297,15 +310,30 @@ impl UpstreamConn {
 
     /// Whether the server has closed this idle connection (e.g. it restarted).
     pub fn is_closed(&self) -> bool {
-        let mut probe = [0u8; 1];
-        match self.stream.try_read(&mut probe) {
-            Ok(0) => true,
-            // An idle backend sends nothing we expect; unsolicited bytes
-            // (a FATAL before closing, a notice) make it unfit for reuse.
-            Ok(_) => true,
-            Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
-        }
+        self.stream.is_closed()
     }
+}
+
+/// SSLRequest, then the TLS handshake if the server answers `S`.
+async fn start_tls(
+    mut tcp: TcpStream,
+    connector: &tokio_rustls::TlsConnector,
+    host: &str,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, UpstreamError> {
+    let mut request = BytesMut::with_capacity(8);
+    request.put_i32(8);
+    request.put_i32(wire::SSL_REQUEST_CODE);
+    tcp.write_all(&request).await.map_err(WireError::Io)?;
+    if tcp.read_u8().await.map_err(WireError::Io)? != b'S' {
+        return Err(UpstreamError::TlsRefused);
+    }
+    let name = crate::tls::server_name(host).ok_or_else(|| {
+        UpstreamError::Protocol(format!("{host:?} is not a valid TLS server name"))
+    })?;
+    connector
+        .connect(name, tcp)
+        .await
+        .map_err(UpstreamError::Tls)
 }
 
 fn startup_message(out: &mut BytesMut, target: &LoginTarget, key: &SessionKey) {

@@ -1,13 +1,16 @@
 //! Session pooling of upstream connections per (database, role): at most
-//! `max_per_role` connections, idle and in use together; a client waits up
-//! to `acquire_timeout` for one. The pool does not know who asked.
+//! `max_per_role` connections in use, a client waits up to
+//! `acquire_timeout` for one, idle ones are closed after `idle_timeout` and
+//! none is reused past `max_lifetime`. The pool does not know who asked.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
+use crate::config::PoolConfig;
 use crate::error::ClientError;
 use crate::upstream::connect::{LoginTarget, UpstreamConn, UpstreamError};
 
@@ -28,11 +31,56 @@ impl PoolError {
     }
 }
 
+struct Idle {
+    conn: UpstreamConn,
+    since: Instant,
+}
+
 /// One (database, role) pool.
 struct RolePool {
-    idle: Mutex<Vec<UpstreamConn>>,
+    database: String,
+    role: String,
+    idle: Mutex<Vec<Idle>>,
     /// One permit per connection in use; idle ones hold none.
     in_use: Arc<Semaphore>,
+    /// The limit `in_use` was sized for; changed on reload.
+    limit: Mutex<usize>,
+}
+
+impl RolePool {
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn report(&self) {
+        let labels = [
+            ("database", self.database.clone()),
+            ("role", self.role.clone()),
+        ];
+        let limit = *self.limit.lock().unwrap_or_else(|p| p.into_inner());
+        let in_use = limit.saturating_sub(self.in_use.available_permits());
+        metrics::gauge!("rlsproxy_pool_idle_connections", &labels).set(self.idle().len() as f64);
+        metrics::gauge!("rlsproxy_pool_in_use_connections", &labels).set(in_use as f64);
+    }
+
+    /// Grows or shrinks the number of connections that may be in use.
+    fn resize(self: &Arc<Self>, new_limit: usize) {
+        let mut limit = self.limit.lock().unwrap_or_else(|p| p.into_inner());
+        let old = std::mem::replace(&mut *limit, new_limit);
+        if new_limit > old {
+            self.in_use.add_permits(new_limit - old);
+        } else if new_limit < old {
+            // Shrink as connections come back: take the surplus permits
+            // when they free up and never return them.
+            let surplus = u32::try_from(old - new_limit).unwrap_or(u32::MAX);
+            let sem = self.in_use.clone();
+            tokio::spawn(async move {
+                if let Ok(p) = sem.acquire_many_owned(surplus).await {
+                    p.forget();
+                }
+            });
+        }
+    }
 }
 
 /// A connection lent to one client session. Dropping it closes the
@@ -42,50 +90,77 @@ pub struct Checkout {
     /// Whether the connection served an earlier session.
     pub reused: bool,
     pool: Arc<RolePool>,
+    max_lifetime: Duration,
     _permit: OwnedSemaphorePermit,
 }
 
 impl Checkout {
-    /// Puts a clean connection back for the next session.
+    /// Puts a clean connection back for the next session, unless it is too old.
     pub fn release(self) {
         let Checkout {
             conn,
             pool,
+            max_lifetime,
             _permit,
             ..
         } = self;
-        match pool.idle.lock() {
-            Ok(mut idle) => idle.push(conn),
-            Err(poisoned) => poisoned.into_inner().push(conn),
+        if conn.created_at.elapsed() < max_lifetime {
+            pool.idle().push(Idle {
+                conn,
+                since: Instant::now(),
+            });
         }
+        drop(_permit);
+        pool.report();
     }
 }
 
 /// Every (database, role) pool of the proxy.
 pub struct Pool {
     pools: Mutex<HashMap<(String, String), Arc<RolePool>>>,
-    max_per_role: usize,
-    acquire_timeout: Duration,
+    settings: Mutex<PoolConfig>,
 }
 
 impl Pool {
-    pub fn new(max_per_role: usize, acquire_timeout: Duration) -> Pool {
+    pub fn new(settings: &PoolConfig) -> Pool {
         Pool {
             pools: Mutex::default(),
-            max_per_role,
-            acquire_timeout,
+            settings: Mutex::new(settings.clone()),
         }
     }
 
-    fn role_pool(&self, target: &LoginTarget) -> Arc<RolePool> {
+    fn settings(&self) -> PoolConfig {
+        self.settings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Applies new limits (on reload); connections in use are not touched.
+    pub fn reconfigure(&self, settings: &PoolConfig) {
+        *self.settings.lock().unwrap_or_else(|p| p.into_inner()) = settings.clone();
+        for pool in self
+            .pools
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
+            pool.resize(settings.max_per_role);
+        }
+    }
+
+    fn role_pool(&self, target: &LoginTarget, limit: usize) -> Arc<RolePool> {
         let key = (target.database.clone(), target.role.clone());
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         pools
             .entry(key)
             .or_insert_with(|| {
                 Arc::new(RolePool {
+                    database: target.database.clone(),
+                    role: target.role.clone(),
                     idle: Mutex::default(),
-                    in_use: Arc::new(Semaphore::new(self.max_per_role)),
+                    in_use: Arc::new(Semaphore::new(limit)),
+                    limit: Mutex::new(limit),
                 })
             })
             .clone()
@@ -93,40 +168,72 @@ impl Pool {
 
     /// Lends an idle connection or opens a new one, waiting for a free slot.
     pub async fn acquire(&self, target: &LoginTarget) -> Result<Checkout, PoolError> {
-        let pool = self.role_pool(target);
-        let permit =
-            tokio::time::timeout(self.acquire_timeout, pool.in_use.clone().acquire_owned())
-                .await
-                .map_err(|_| PoolError::Timeout {
-                    waited: self.acquire_timeout,
-                    limit: self.max_per_role,
-                })?
-                .map_err(|_| PoolError::Timeout {
-                    waited: Duration::ZERO,
-                    limit: self.max_per_role,
-                })?;
+        let settings = self.settings();
+        let pool = self.role_pool(target, settings.max_per_role);
+        let started = Instant::now();
+        let waited = tokio::time::timeout(
+            settings.acquire_timeout,
+            pool.in_use.clone().acquire_owned(),
+        );
+        let timeout = || PoolError::Timeout {
+            waited: settings.acquire_timeout,
+            limit: settings.max_per_role,
+        };
+        let permit = waited
+            .await
+            .map_err(|_| timeout())?
+            .map_err(|_| timeout())?;
+        metrics::histogram!("rlsproxy_pool_wait_seconds").record(started.elapsed());
 
         loop {
-            let candidate = pool.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
-            let Some(conn) = candidate else { break };
+            let candidate = pool.idle().pop();
+            let Some(Idle { conn, .. }) = candidate else {
+                break;
+            };
             // A server restart leaves closed sockets in the pool: never lend one.
-            if conn.is_closed() {
+            if conn.is_closed() || conn.created_at.elapsed() >= settings.max_lifetime {
                 continue;
             }
-            return Ok(Checkout {
+            let checkout = Checkout {
                 conn,
                 reused: true,
                 pool,
+                max_lifetime: settings.max_lifetime,
                 _permit: permit,
-            });
+            };
+            checkout.pool.report();
+            return Ok(checkout);
         }
         let conn = UpstreamConn::connect(target).await?;
-        Ok(Checkout {
+        let checkout = Checkout {
             conn,
             reused: false,
             pool,
+            max_lifetime: settings.max_lifetime,
             _permit: permit,
-        })
+        };
+        checkout.pool.report();
+        Ok(checkout)
+    }
+
+    /// Closes idle connections past `idle_timeout` or `max_lifetime`.
+    pub fn reap(&self) {
+        let settings = self.settings();
+        let pools: Vec<_> = self
+            .pools
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for pool in pools {
+            pool.idle().retain(|i| {
+                i.since.elapsed() < settings.idle_timeout
+                    && i.conn.created_at.elapsed() < settings.max_lifetime
+                    && !i.conn.is_closed()
+            });
+            pool.report();
+        }
     }
 
     /// Idle connections of one pool (for tests and metrics).
@@ -134,6 +241,6 @@ impl Pool {
         let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         pools
             .get(&(database.to_owned(), role.to_owned()))
-            .map_or(0, |p| p.idle.lock().map_or(0, |i| i.len()))
+            .map_or(0, |p| p.idle().len())
     }
 }
