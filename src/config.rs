@@ -323,8 +323,11 @@ impl Config {
 
     /// Parses config text, resolving `${VAR}` with `env` (tests pass their own).
     pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        let mut value: toml::Value =
-            toml::from_str(text).map_err(|e| ConfigError::Syntax(e.message().to_owned()))?;
+        let mut value: toml::Value = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| text[..s.start].matches('\n').count() + 1);
+            let at = line.map(|l| format!("line {l}: ")).unwrap_or_default();
+            ConfigError::Syntax(format!("{at}{}", e.message()))
+        })?;
         substitute(&mut value, String::new(), env)?;
 
         let config: Config =
@@ -561,6 +564,21 @@ mod tests {
             .expect_err("must fail")
             .to_string();
         assert_eq!(e, "`issuers[0]`: set jwks_url or jwks_file");
+    }
+
+    #[test]
+    fn syntax_errors_give_the_line() {
+        let e = Config::parse("[upstream]\nhost = \"a\"\nhost = \"b\"\n", &env).expect_err("dup");
+        assert!(e.to_string().starts_with("invalid TOML: line 3: "), "{e}");
+    }
+
+    #[test]
+    fn tls_is_required_by_default_beyond_loopback() {
+        let tls = "[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+        let local = Config::parse(&format!("{MINIMAL}\n{tls}"), &env).expect("valid");
+        assert!(!local.tls_required());
+        let text = format!("[listen]\naddr = \"0.0.0.0:6432\"\n{MINIMAL}\n{tls}");
+        assert!(Config::parse(&text, &env).expect("valid").tls_required());
     }
 
     #[test]

@@ -8,15 +8,20 @@
     reason = "each test file uses a different part of the harness"
 )]
 
+mod certs;
+mod env;
 mod jwks;
 mod keys;
 mod pg;
+mod process;
 
 use std::net::TcpListener;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
+pub use certs::TestCa;
+pub use env::{AUDIENCE, Env, Options, config_text, test_env};
 pub use jwks::{Behaviour, JwksServer};
 pub use keys::{TestKey, alg_confusion_token, alg_none_token, b64, hs256_token};
 pub use pg::{
@@ -24,6 +29,7 @@ pub use pg::{
     SUPERUSER, SUPERUSER_PASSWORD, SessionJwt, TRUST_PASSWORD, connect, describe, jwk_options,
     password_of,
 };
+pub use process::ProxyProcess;
 
 /// Seconds since the Unix epoch.
 pub fn now() -> i64 {

@@ -190,6 +190,34 @@ impl Postgres {
         session_jwt
     }
 
+    /// Turns TLS on with this certificate and key (PEM); plain TCP still works.
+    pub async fn enable_ssl(&self, cert_pem: &str, key_pem: &str) {
+        let data = self.data_dir();
+        fs::write(data.join("server.crt"), cert_pem).expect("write server.crt");
+        let key = data.join("server.key");
+        fs::write(&key, key_pem).expect("write server.key");
+        // Postgres refuses a key readable by others.
+        let private = <fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600);
+        fs::set_permissions(&key, private).expect("chmod key");
+        self.chown();
+        self.exec("ALTER SYSTEM SET ssl = on").await;
+        self.exec("SELECT pg_reload_conf()").await;
+        // The reload is asynchronous; wait until new connections see it.
+        for _ in 0..100 {
+            let client = self.superuser().await;
+            let on: String = client
+                .query_one("SHOW ssl", &[])
+                .await
+                .expect("show ssl")
+                .get(0);
+            if on == "on" {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("ssl did not turn on:\n{}", self.log());
+    }
+
     /// Stops (terminating sessions) and starts again on the same port.
     /// Blocks the thread: on a current-thread runtime nothing else (e.g. a
     /// proxy under test) runs until it returns.
