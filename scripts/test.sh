@@ -8,3 +8,4 @@ source scripts/lib.sh
 ensure_postgres
 cargo test --all-targets
 bash scripts/e2e.sh
+bash scripts/check-deploy.sh

@@ -144,6 +144,11 @@ fn load(path: &Path) -> anyhow::Result<Config> {
 
 fn check(config: &Config, path: &Path) -> anyhow::Result<()> {
     rlsproxy::auth::Authenticator::new(config)?;
+    if let Some(tls) = &config.tls {
+        rlsproxy::tls::acceptor(tls)?;
+    }
+    let upstream = &config.upstream;
+    rlsproxy::tls::upstream_connector(upstream.sslmode, upstream.root_cert.as_deref())?;
     println!("{}: ok", path.display());
     Ok(())
 }
