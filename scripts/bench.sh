@@ -1,0 +1,205 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: direct Postgres, rlsproxy (a JWT verified on every
+# connection) and PgBouncer (session mode), same machine, same server, same
+# run, interleaved A B C per round. Prints median TPS and ratios per
+# scenario, then memory per idle client. Loopback only; every run bounded.
+#
+#   scripts/bench.sh                 # 3 rounds of 8 s per run
+#   ROUNDS=5 SECONDS_PER_RUN=15 scripts/bench.sh
+#   IDLE_CLIENTS=1000 scripts/bench.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+
+ROUNDS=${ROUNDS:-3}
+T=${SECONDS_PER_RUN:-8}
+SCALE=${SCALE:-10}
+POOL=${POOL:-8}
+IDLE_CLIENTS=${IDLE_CLIENTS:-1000}
+
+# Idle-client memory needs two descriptors per client in each proxy.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+ensure_postgres
+if ! command -v pgbouncer >/dev/null 2>&1; then
+    echo "installing pgbouncer from Debian's packages" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends pgbouncer >/dev/null
+fi
+cargo build --release --quiet --bin rlsproxy --example idle_clients
+BIN=$PWD/target/release/rlsproxy
+IDLE=$PWD/target/release/examples/idle_clients
+
+WORK=$(mktemp -d /tmp/rlsproxy-bench.XXXXXX)
+chmod 755 "$WORK"
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    stop_pg "$WORK/pg"
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+PW=bench-password
+PG_PORT=$(free_port)
+start_pg "$WORK/pg" "$PG_PORT" "$PW" \
+    "max_connections = $((IDLE_CLIENTS + 100))" "shared_buffers = '256MB'" "synchronous_commit = off"
+export PGHOST=127.0.0.1 PGPORT=$PG_PORT PGUSER=postgres PGPASSWORD=$PW PGDATABASE=postgres
+pgbench -i -q -s "$SCALE" >/dev/null 2>&1
+psql -q -v ON_ERROR_STOP=1 -f sql/pg_session_jwt_standin.sql >/dev/null
+psql -q -v ON_ERROR_STOP=1 <<SQL >/dev/null
+CREATE ROLE authenticated LOGIN PASSWORD '$PW';
+GRANT SELECT, UPDATE ON pgbench_accounts, pgbench_branches, pgbench_tellers TO authenticated;
+GRANT INSERT ON pgbench_history TO authenticated;
+ALTER TABLE pgbench_accounts ENABLE ROW LEVEL SECURITY;
+CREATE POLICY signed_in ON pgbench_accounts FOR ALL TO authenticated
+    USING (auth.user_id() IS NOT NULL) WITH CHECK (auth.user_id() IS NOT NULL);
+SQL
+
+# Development issuer and the token every rlsproxy connection presents.
+ISSUER_PORT=$(free_port)
+ISSUER=http://127.0.0.1:$ISSUER_PORT
+"$BIN" dev-issuer --key-file "$WORK/issuer.key" --issuer "$ISSUER" --listen "127.0.0.1:$ISSUER_PORT" \
+    2>"$WORK/issuer.log" &
+PIDS+=($!)
+wait_port "$ISSUER_PORT"
+TOKEN=$("$BIN" token --key-file "$WORK/issuer.key" --issuer "$ISSUER" --sub bench-user --ttl 2h)
+
+PROXY_PORT=$(free_port)
+cat >"$WORK/proxy.toml" <<TOML
+[listen]
+addr = "127.0.0.1:$PROXY_PORT"
+max_clients = $((IDLE_CLIENTS + 100))
+[upstream]
+host = "127.0.0.1"
+port = $PG_PORT
+[roles.authenticated]
+password = "$PW"
+[[issuers]]
+issuer = "$ISSUER"
+jwks_url = "$ISSUER/.well-known/jwks.json"
+audience = "rlsproxy-demo"
+[pool]
+max_per_role = $POOL
+[admin]
+addr = "127.0.0.1:$(free_port)"
+TOML
+RUST_LOG=warn "$BIN" --config "$WORK/proxy.toml" 2>"$WORK/proxy.log" &
+PROXY_PID=$!
+PIDS+=($PROXY_PID)
+wait_port "$PROXY_PORT"
+
+BOUNCER_PORT=$(free_port)
+mkdir -p "$WORK/bouncer"
+cat >"$WORK/pgbouncer.ini" <<INI
+[databases]
+postgres = host=127.0.0.1 port=$PG_PORT dbname=postgres
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $BOUNCER_PORT
+unix_socket_dir =
+auth_type = trust
+auth_file = $WORK/userlist.txt
+pool_mode = session
+default_pool_size = $POOL
+max_client_conn = $((IDLE_CLIENTS + 100))
+logfile = $WORK/bouncer/pgbouncer.log
+pidfile = $WORK/bouncer/pgbouncer.pid
+INI
+printf '"postgres" "%s"\n' "$PW" >"$WORK/userlist.txt"
+chmod 644 "$WORK/pgbouncer.ini" "$WORK/userlist.txt"
+[ "$(id -u)" -eq 0 ] && chown postgres "$WORK/bouncer"
+as_pg pgbouncer "$WORK/pgbouncer.ini" >/dev/null 2>&1 &
+PIDS+=($!)
+wait_port "$BOUNCER_PORT" || { cat "$WORK/bouncer/pgbouncer.log" >&2; exit 1; }
+
+# target → connection flags and password
+declare -A PORT=([direct]=$PG_PORT [rlsproxy]=$PROXY_PORT [pgbouncer]=$BOUNCER_PORT)
+declare -A USER=([direct]=postgres [rlsproxy]=authenticated [pgbouncer]=postgres)
+declare -A PASS=([direct]=$PW [rlsproxy]=$TOKEN [pgbouncer]=$PW)
+TARGETS=(direct rlsproxy pgbouncer)
+SCENARIOS=(
+    "-S -c 1"
+    "-S -c 8 -j 2"
+    "-S -M prepared -c 8 -j 2"
+    "-C -S -c 8 -j 2"
+    "-c 8 -j 2"
+)
+
+run_one() {
+    local target=$1 flags=$2 out
+    # shellcheck disable=SC2086
+    out=$(PGPASSWORD=${PASS[$target]} timeout $((T + 30)) pgbench -n $flags -T "$T" \
+        -h 127.0.0.1 -p "${PORT[$target]}" -U "${USER[$target]}" postgres 2>&1) || {
+        echo "pgbench failed for $target ($flags):" >&2
+        echo "$out" >&2
+        echo 0
+        return
+    }
+    sed -nE 's/^tps = ([0-9.]+) .*/\1/p' <<<"$out" | head -n 1
+}
+
+declare -A RESULTS
+echo "rlsproxy bench: $ROUNDS rounds x $T s, scale $SCALE, pool $POOL, $(nproc) cores" >&2
+for round in $(seq 1 "$ROUNDS"); do
+    for scenario in "${SCENARIOS[@]}"; do
+        for target in "${TARGETS[@]}"; do
+            tps=$(run_one "$target" "$scenario")
+            RESULTS["$scenario|$target"]+="$tps "
+            printf 'round %d  %-26s %-10s %10.1f tps\n' "$round" "$scenario" "$target" "$tps" >&2
+        done
+    done
+done
+
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+
+echo
+echo "| scenario | direct TPS | rlsproxy TPS | PgBouncer TPS | rlsproxy / direct | PgBouncer / direct | rlsproxy / PgBouncer |"
+echo "|---|---:|---:|---:|---:|---:|---:|"
+for scenario in "${SCENARIOS[@]}"; do
+    d=$(median <<<"${RESULTS["$scenario|direct"]}")
+    r=$(median <<<"${RESULTS["$scenario|rlsproxy"]}")
+    b=$(median <<<"${RESULTS["$scenario|pgbouncer"]}")
+    awk -v s="$scenario" -v d="$d" -v r="$r" -v b="$b" 'BEGIN {
+        printf "| `pgbench %s` | %.0f | %.0f | %.0f | %.2fx | %.2fx | %.2fx |\n", s, d, r, b, r/d, b/d, (b > 0 ? r/b : 0)
+    }'
+done
+
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+idle_memory() {
+    local name=$1 pid=$2 port=$3 user=$4 pass=$5 before after
+    before=$(rss_kib "$pid")
+    coproc HOLD { "$IDLE" 127.0.0.1 "$port" "$user" "$pass" postgres "$IDLE_CLIENTS"; }
+    local ready
+    read -r ready <&"${HOLD[0]}" || true
+    sleep 1
+    after=$(rss_kib "$pid")
+    # Closing the holder's stdin lets it exit and drop its connections.
+    [ -n "${HOLD[1]:-}" ] && eval "exec ${HOLD[1]}>&-"
+    wait "$HOLD_PID" 2>/dev/null || true
+    awk -v n="$name" -v b="$before" -v a="$after" -v c="$IDLE_CLIENTS" -v r="$ready" 'BEGIN {
+        printf "| %s | %s | %d KiB | %d KiB | %.1f KiB |\n", n, r, b, a, (a-b)/c
+    }'
+}
+
+echo
+echo "| memory, $IDLE_CLIENTS idle clients | clients held | RSS before | RSS after | per client |"
+echo "|---|---|---:|---:|---:|"
+# Session pooling gives every client its own upstream connection, so the
+# pools grow to the client count for this part.
+sed -i "s/^max_per_role = .*/max_per_role = $((IDLE_CLIENTS + 10))/" "$WORK/proxy.toml"
+kill -HUP "$PROXY_PID"
+sleep 1
+idle_memory rlsproxy "$PROXY_PID" "$PROXY_PORT" authenticated "$TOKEN"
+# Free the proxy's pooled server connections for PgBouncer's turn.
+kill "$PROXY_PID"
+wait "$PROXY_PID" 2>/dev/null || true
+sed -i "s/^default_pool_size = .*/default_pool_size = $((IDLE_CLIENTS + 10))/" "$WORK/pgbouncer.ini"
+BOUNCER_PID=$(cat "$WORK/bouncer/pgbouncer.pid")
+kill -HUP "$BOUNCER_PID"
+sleep 1
+idle_memory pgbouncer "$BOUNCER_PID" "$BOUNCER_PORT" postgres "$PW"
+
+echo
+echo "PostgreSQL $(psql -At -c 'SHOW server_version'), $(pgbouncer --version 2>&1 | head -n 1), $(nproc) cores, $(free -g | awk '/^Mem/ {print $2}') GiB"
