@@ -120,26 +120,35 @@ where
         .ok_or_else(|| ClientError::UnknownRole(params.user.clone()))?;
     let settings = session::client_settings(&params.params)?;
     let token = if role.requires_token {
-        Some(authenticate(stream, &shared.auth, shared.config.auth.max_token_bytes).await?)
+        let max = shared.config.auth.max_token_bytes;
+        Some(authenticate(stream, &shared.auth, max, &params.user).await?)
     } else {
         None
     };
     if let Some(t) = &token {
         Span::current().record("sub_hash", t.sub_hash());
-        debug!(kid = t.kid.as_deref(), iss = %t.issuer, "token accepted");
+        debug!(kid = t.kid.as_deref(), iss = %t.issuer, role = %t.role, "token accepted");
     }
+    // The issuer's rules may serve the token as another role (anonymous users).
+    let role_name = token
+        .as_ref()
+        .map_or(params.user.as_str(), |t| t.role.as_str());
+    let role = match shared.config.roles.get(role_name) {
+        Some(r) => r,
+        None => return Err(ClientError::UnknownRole(role_name.to_owned()).into()),
+    };
 
     let target = LoginTarget {
         host: shared.config.upstream.host.clone(),
         port: shared.config.upstream.port,
         database: params.database.clone(),
-        role: params.user.clone(),
+        role: role_name.to_owned(),
         password: role.password.clone(),
         claims_mode: shared.config.claims.mode,
         connect_timeout: shared.config.upstream.connect_timeout,
     };
     let spec = SessionSpec {
-        role: &params.user,
+        role: role_name,
         claims: token.as_ref().map(|t| &t.claims),
         mode: shared.config.claims.mode,
         params: &params.params,
@@ -153,6 +162,7 @@ async fn authenticate<S>(
     stream: &mut S,
     auth: &Authenticator,
     max_token_bytes: usize,
+    role: &str,
 ) -> Result<Arc<VerifiedToken>, Failure>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -193,7 +203,7 @@ where
         )
         .into());
     }
-    auth.verify(token.trim()).await.map_err(refuse_token)
+    auth.verify(token.trim(), role).await.map_err(refuse_token)
 }
 
 fn refuse_token(e: crate::auth::verify::TokenError) -> Failure {
