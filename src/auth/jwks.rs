@@ -88,7 +88,8 @@ pub struct KeySource {
     refetch_gate: tokio::sync::Mutex<Option<Instant>>,
     /// The `jwks_uri` of the discovery document, once read.
     discovered: Mutex<Option<reqwest::Url>>,
-    /// Fetches finished (either way) and fetches failed, for readiness and tests.
+    /// Fetches started, finished (either way) and failed, for readiness and tests.
+    started: AtomicU64,
     attempts: AtomicU64,
     failures: AtomicU64,
 }
@@ -112,6 +113,7 @@ impl KeySource {
             generation: AtomicU64::new(0),
             refetch_gate: tokio::sync::Mutex::new(None),
             discovered: Mutex::new(None),
+            started: AtomicU64::new(0),
             attempts: AtomicU64::new(0),
             failures: AtomicU64::new(0),
         })
@@ -137,6 +139,11 @@ impl KeySource {
     /// Fetch attempts finished so far, successful or not.
     pub fn attempts(&self) -> u64 {
         self.attempts.load(Ordering::Acquire)
+    }
+
+    /// Whether a fetch has started and not finished.
+    pub fn in_flight(&self) -> bool {
+        self.started.load(Ordering::Acquire) > self.attempts()
     }
 
     /// Fetch attempts that failed so far.
@@ -291,6 +298,7 @@ impl KeySource {
 
     /// One fetch: the parsed set and how long it may be cached.
     async fn fetch(&self) -> Result<(KeySet, Duration), JwksError> {
+        self.started.fetch_add(1, Ordering::AcqRel);
         let (body, ttl) = match &self.location {
             Location::File(path) => {
                 let body = tokio::fs::read(path)
