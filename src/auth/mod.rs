@@ -1,6 +1,7 @@
 //! The token flow: pick the issuer by the token's `iss`, find its key in the
-//! cached JWKS, check the signature and the claims. Knows nothing of
-//! databases or relaying; a refusal says which check failed.
+//! cached JWKS, check the signature and the claims, then decide the role the
+//! session runs as under the issuer's rules (allowed roles, anonymous users).
+//! Knows nothing of databases or relaying; a refusal says which check failed.
 
 pub mod jwks;
 pub mod keys;
@@ -172,29 +173,32 @@ impl Authenticator {
         }
         // The role is part of the key: the same token may be allowed one
         // role and refused another, and each entry holds its decided role.
-        let hash: [u8; 32] = Sha256::new()
-            .chain_update(role.as_bytes())
-            .chain_update([0])
-            .chain_update(token.as_bytes())
-            .finalize()
-            .into();
-        if let Some(hit) = self.cache.as_ref().and_then(|c| c.get(&hash)) {
+        let cached = self.cache.as_ref().map(|cache| {
+            let hash: [u8; 32] = Sha256::new()
+                .chain_update(role.as_bytes())
+                .chain_update([0])
+                .chain_update(token.as_bytes())
+                .finalize()
+                .into();
+            (cache, hash)
+        });
+        if let Some((cache, hash)) = &cached
+            && let Some(hit) = cache.get(hash)
+        {
             let issuer = &self.issuers[hit.issuer_index];
             if issuer.source.keys().contains(&hit.key_id) {
                 verify::check_times(&hit.claims, &issuer.policy, verify::now_unix())?;
                 metrics::counter!("rlsproxy_token_cache_total", "result" => "hit").increment(1);
                 return Ok(hit);
             }
-            if let Some(cache) = &self.cache {
-                cache.invalidate(&hash);
-            }
+            cache.invalidate(hash);
         }
         metrics::counter!("rlsproxy_token_cache_total", "result" => "miss").increment(1);
 
         let started = std::time::Instant::now();
         let verified = Arc::new(self.verify_uncached(token, role).await?);
         metrics::histogram!("rlsproxy_token_verify_seconds").record(started.elapsed());
-        if let Some(cache) = &self.cache {
+        if let Some((cache, hash)) = cached {
             cache.insert(hash, verified.clone());
         }
         Ok(verified)
@@ -286,9 +290,10 @@ fn location(ic: &IssuerConfig, jwks: &JwksConfig) -> Result<Location, String> {
     }
 }
 
-/// Selects aws-lc-rs as jsonwebtoken's crypto backend. jsonwebtoken 12
-/// panics on the first verify if no provider is installed, so this runs
-/// before any token work; a second call is harmless.
+/// Selects aws-lc-rs as jsonwebtoken's crypto backend. Signatures are
+/// checked with aws-lc-rs directly (see `keys`), but jsonwebtoken 12 panics
+/// on its first crypto call without a provider, so this stays for any
+/// caller of it; a second call is harmless.
 pub fn install_crypto_provider() {
     let _ = jsonwebtoken::crypto::aws_lc::DEFAULT_PROVIDER.install_default();
 }
