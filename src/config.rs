@@ -200,6 +200,22 @@ pub struct IssuerConfig {
     pub jwks_url: Option<String>,
     #[serde(default)]
     pub jwks_file: Option<PathBuf>,
+    /// An OIDC discovery document whose `jwks_uri` names the key set.
+    #[serde(default)]
+    pub discovery_url: Option<String>,
+    /// Discover the key set at `<issuer>/.well-known/openid-configuration`.
+    #[serde(default)]
+    pub discover: bool,
+    /// Roles this issuer's tokens may log into; unset means every token role.
+    #[serde(default)]
+    pub roles: Option<Vec<String>>,
+    /// What to do with tokens of anonymous users (`is_anonymous: true`,
+    /// `aud` ending in `:anon`).
+    #[serde(default)]
+    pub anonymous_users: AnonymousUsers,
+    /// The role anonymous users' sessions run as with `anonymous_role`.
+    #[serde(default = "default_anonymous_role")]
+    pub anonymous_role: String,
     /// Accepted `aud` values; when set, a token must carry one of them.
     #[serde(default, deserialize_with = "string_or_list")]
     pub audience: Vec<String>,
@@ -209,6 +225,34 @@ pub struct IssuerConfig {
     /// Accept tokens that carry no `iss` at all (only with a single issuer).
     #[serde(default)]
     pub allow_missing_iss: bool,
+}
+
+/// The rule for tokens of anonymous users.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AnonymousUsers {
+    /// Refuse them: they name no real user.
+    #[default]
+    Refuse,
+    /// Serve them as the issuer's `anonymous_role`, claims included.
+    AnonymousRole,
+}
+
+fn default_anonymous_role() -> String {
+    "anonymous".to_owned()
+}
+
+impl IssuerConfig {
+    /// The discovery document to read, if discovery is configured.
+    pub fn discovery_document(&self) -> Option<String> {
+        if let Some(url) = &self.discovery_url {
+            return Some(url.clone());
+        }
+        self.discover.then(|| {
+            let base = self.issuer.trim_end_matches('/');
+            format!("{base}/.well-known/openid-configuration")
+        })
+    }
 }
 
 fn default_leeway() -> Duration {
@@ -356,12 +400,47 @@ impl Config {
         }
         for (i, issuer) in self.issuers.iter().enumerate() {
             let path = format!("issuers[{i}]");
-            match (&issuer.jwks_url, &issuer.jwks_file) {
-                (Some(_), Some(_)) => {
-                    return Err(invalid(&path, "set only one of jwks_url and jwks_file"));
+            if issuer.discover && issuer.discovery_url.is_some() {
+                return Err(invalid(&path, "set discovery_url or discover, not both"));
+            }
+            let sources = [
+                issuer.jwks_url.is_some(),
+                issuer.jwks_file.is_some(),
+                issuer.discovery_document().is_some(),
+            ];
+            match sources.iter().filter(|s| **s).count() {
+                0 => {
+                    return Err(invalid(
+                        &path,
+                        "set one of jwks_url, jwks_file, discovery_url or discover = true",
+                    ));
                 }
-                (None, None) => return Err(invalid(&path, "set jwks_url or jwks_file")),
-                _ => {}
+                1 => {}
+                _ => {
+                    return Err(invalid(
+                        &path,
+                        "set only one of jwks_url, jwks_file and discovery",
+                    ));
+                }
+            }
+            for (j, role) in issuer.roles.iter().flatten().enumerate() {
+                if !self.roles.contains_key(role) {
+                    return Err(invalid(
+                        &format!("{path}.roles[{j}]"),
+                        &format!("role \"{role}\" is not in [roles]"),
+                    ));
+                }
+            }
+            if issuer.anonymous_users == AnonymousUsers::AnonymousRole
+                && !self.roles.contains_key(&issuer.anonymous_role)
+            {
+                return Err(invalid(
+                    &format!("{path}.anonymous_role"),
+                    &format!(
+                        "anonymous_users = \"anonymous_role\" needs role \"{}\" in [roles]",
+                        issuer.anonymous_role
+                    ),
+                ));
             }
             if issuer.allow_missing_iss && self.issuers.len() > 1 {
                 return Err(invalid(&path, "allow_missing_iss needs a single issuer"));
@@ -563,7 +642,56 @@ mod tests {
         let e = Config::parse(&text, &env)
             .expect_err("must fail")
             .to_string();
-        assert_eq!(e, "`issuers[0]`: set jwks_url or jwks_file");
+        assert_eq!(
+            e,
+            "`issuers[0]`: set one of jwks_url, jwks_file, discovery_url or discover = true"
+        );
+
+        let both = MINIMAL.replace("audience = \"app\"", "audience = \"app\"\ndiscover = true");
+        let e = Config::parse(&both, &env)
+            .expect_err("must fail")
+            .to_string();
+        assert_eq!(
+            e,
+            "`issuers[0]`: set only one of jwks_url, jwks_file and discovery"
+        );
+
+        let discover = text.replace("audience = \"app\"", "audience = \"app\"\ndiscover = true");
+        let c = Config::parse(&discover, &env).expect("valid");
+        assert_eq!(
+            c.issuers[0].discovery_document().as_deref(),
+            Some("https://issuer.example/.well-known/openid-configuration")
+        );
+    }
+
+    #[test]
+    fn issuer_roles_and_anonymous_role_must_be_configured_roles() {
+        let text = MINIMAL.replace(
+            "audience = \"app\"",
+            "audience = \"app\"\nroles = [\"authenticated\", \"admin\"]",
+        );
+        let e = Config::parse(&text, &env)
+            .expect_err("must fail")
+            .to_string();
+        assert_eq!(e, "`issuers[0].roles[1]`: role \"admin\" is not in [roles]");
+
+        let text = MINIMAL.replace(
+            "audience = \"app\"",
+            "audience = \"app\"\nanonymous_users = \"anonymous_role\"\nanonymous_role = \"guest\"",
+        );
+        let e = Config::parse(&text, &env)
+            .expect_err("must fail")
+            .to_string();
+        assert!(e.starts_with("`issuers[0].anonymous_role`"), "{e}");
+
+        let text = MINIMAL.replace(
+            "audience = \"app\"",
+            "audience = \"app\"\nanonymous_users = \"anonymous_role\"",
+        );
+        let c = Config::parse(&text, &env).expect("valid");
+        assert_eq!(c.issuers[0].anonymous_users, AnonymousUsers::AnonymousRole);
+        assert_eq!(c.issuers[0].anonymous_role, "anonymous");
+        assert_eq!(c.issuers[0].roles, None);
     }
 
     #[test]

@@ -213,29 +213,37 @@ where
         .ok_or_else(|| ClientError::UnknownRole(params.user.clone()))?;
     let settings = session::client_settings(&params.params)?;
     let token = if role.requires_token {
-        let auth = authenticate(stream, &ctx.state.auth, config.auth.max_token_bytes);
+        let max = config.auth.max_token_bytes;
+        let auth = authenticate(stream, &ctx.state.auth, max, &params.user);
         let verified = timeout_at(ctx.deadline, auth)
             .await
             .map_err(|_| ClientError::StartupTimeout(config.listen.startup_timeout))??;
         Span::current().record("sub_hash", verified.sub_hash());
-        debug!(kid = verified.kid.as_deref(), iss = %verified.issuer, "token accepted");
+        let (kid, role) = (verified.kid.as_deref(), verified.role.as_str());
+        debug!(kid, iss = %verified.issuer, role, "token accepted");
         Some(verified)
     } else {
         None
+    };
+    // The issuer's rules may serve the token as another role (anonymous users).
+    let role_name = token.as_ref().map_or(params.user.as_str(), |t| t.role.as_str());
+    let role = match config.roles.get(role_name) {
+        Some(r) => r,
+        None => return Err(ClientError::UnknownRole(role_name.to_owned()).into()),
     };
 
     let target = LoginTarget {
         host: config.upstream.host.clone(),
         port: config.upstream.port,
         database: params.database.clone(),
-        role: params.user.clone(),
+        role: role_name.to_owned(),
         password: role.password.clone(),
         claims_mode: config.claims.mode,
         connect_timeout: config.upstream.connect_timeout,
         tls: ctx.state.upstream_tls.clone(),
     };
     let spec = SessionSpec {
-        role: &params.user,
+        role: role_name,
         claims: token.as_ref().map(|t| &t.claims),
         mode: config.claims.mode,
         params: &params.params,
@@ -250,6 +258,7 @@ async fn authenticate<S>(
     stream: &mut S,
     auth: &Authenticator,
     max_token_bytes: usize,
+    role: &str,
 ) -> Result<Arc<VerifiedToken>, Failure>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -289,7 +298,7 @@ where
         )
         .into());
     }
-    auth.verify(token.trim()).await.map_err(refuse_token)
+    auth.verify(token.trim(), role).await.map_err(refuse_token)
 }
 
 fn refuse_token(e: TokenError) -> Failure {

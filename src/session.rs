@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 
 use crate::config::ClaimsMode;
 use crate::error::ClientError;
-use crate::upstream::connect::{UpstreamConn, UpstreamError};
+use crate::upstream::connect::{SessionKey, UpstreamConn, UpstreamError};
 use crate::wire;
 
 /// base64url of `{"alg":"EdDSA"}`, the header of every re-signed token.
@@ -92,12 +92,17 @@ fn parse_options(options: &str) -> Result<Vec<(String, String)>, ClientError> {
 
 /// Re-signs `claims` with the connection's key, `jti` set to its next value.
 pub fn resign(conn: &mut UpstreamConn, claims: &Map<String, Value>) -> String {
-    conn.key.last_jti += 1;
+    sign_claims(&mut conn.key, claims)
+}
+
+/// The signing half of [`resign`], apart from any connection (benchmarks).
+pub fn sign_claims(key: &mut SessionKey, claims: &Map<String, Value>) -> String {
+    key.last_jti += 1;
     let mut claims = claims.clone();
-    claims.insert("jti".to_owned(), Value::from(conn.key.last_jti));
+    claims.insert("jti".to_owned(), Value::from(key.last_jti));
     let payload = URL_SAFE_NO_PAD.encode(Value::Object(claims).to_string());
     let signing_input = format!("{EDDSA_HEADER_B64}.{payload}");
-    let signature = URL_SAFE_NO_PAD.encode(conn.key.sign(signing_input.as_bytes()));
+    let signature = URL_SAFE_NO_PAD.encode(key.sign(signing_input.as_bytes()));
     format!("{signing_input}.{signature}")
 }
 

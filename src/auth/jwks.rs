@@ -1,41 +1,44 @@
-//! JWKS key sets: parsing a JWKS document into verification-ready keys (bad
-//! keys are skipped one by one), and a per-issuer [`KeySource`] that fetches
-//! it, refreshes it in the background and refetches once on an unknown `kid`,
-//! so that in steady state no connection waits on the network.
+//! A per-issuer [`KeySource`]: fetches the issuer's JWKS (from a URL, a
+//! file, or the URL an OIDC discovery document names), refreshes it in the
+//! background before it expires and refetches once on an unknown `kid`, so
+//! that in steady state no connection waits on the network. A failed fetch
+//! keeps the last good keys for up to `max_stale`.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use jsonwebtoken::{Algorithm, DecodingKey};
-use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
+use serde_json::Value;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::auth::verify::{TokenError, UnverifiedToken};
+use crate::auth::keys::KeySet;
 use crate::config::JwksConfig;
 
-/// Smallest RSA modulus accepted, in bits.
-const MIN_RSA_BITS: usize = 2048;
 /// First retry delay after a failed fetch; doubles up to `min_ttl`.
 const FIRST_RETRY_DELAY: Duration = Duration::from_secs(1);
 /// How often a `jwks_file` is checked for changes.
 const FILE_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// Redirects followed per fetch.
+const MAX_REDIRECTS: usize = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JwksError {
     #[error("request failed: {0}")]
     Http(String),
+    #[error("request timed out")]
+    Timeout,
+    #[error("redirect refused: {0}")]
+    Redirect(String),
     #[error("server answered HTTP {0}")]
     Status(u16),
     #[error("body is larger than {0} bytes")]
     TooLarge(usize),
     #[error("body is not a JSON object with a \"keys\" array")]
     NotAKeySet,
+    #[error("discovery document: {0}")]
+    Discovery(String),
     #[error("cannot read key file: {0}")]
     File(String),
 }
@@ -45,237 +48,15 @@ impl JwksError {
     pub fn reason(&self) -> &'static str {
         match self {
             JwksError::Http(_) => "http",
+            JwksError::Timeout => "timeout",
+            JwksError::Redirect(_) => "redirect",
             JwksError::Status(_) => "status",
             JwksError::TooLarge(_) => "too_large",
             JwksError::NotAKeySet => "invalid",
+            JwksError::Discovery(_) => "discovery",
             JwksError::File(_) => "file",
         }
     }
-}
-
-/// The curve or family a key belongs to; decides which `alg` may use it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyType {
-    Rsa,
-    P256,
-    P384,
-    Ed25519,
-}
-
-impl KeyType {
-    fn fits(self, alg: Algorithm) -> bool {
-        use Algorithm::*;
-        matches!(
-            (self, alg),
-            (KeyType::Rsa, RS256 | RS384 | RS512 | PS256 | PS384 | PS512)
-                | (KeyType::P256, ES256)
-                | (KeyType::P384, ES384)
-                | (KeyType::Ed25519, EdDSA)
-        )
-    }
-}
-
-/// One public key, parsed once into the form the signature check needs.
-pub struct VerifyKey {
-    pub kid: Option<String>,
-    /// The key's declared `alg`; `None` allows every algorithm of its type.
-    pub alg: Option<Algorithm>,
-    pub kind: KeyType,
-    /// SHA-256 of the key material: identifies the key across refetches.
-    pub id: [u8; 32],
-    key: DecodingKey,
-}
-
-impl VerifyKey {
-    /// Whether a token signed with `alg` may be checked with this key.
-    pub fn fits(&self, alg: Algorithm) -> bool {
-        self.kind.fits(alg) && self.alg.is_none_or(|a| a == alg)
-    }
-
-    fn verify(&self, token: &UnverifiedToken<'_>) -> bool {
-        jsonwebtoken::crypto::verify(
-            token.signature,
-            token.signing_input.as_bytes(),
-            &self.key,
-            token.header.alg,
-        )
-        .unwrap_or(false)
-    }
-}
-
-/// A parsed JWKS document.
-#[derive(Default)]
-pub struct KeySet {
-    pub keys: Vec<VerifyKey>,
-}
-
-impl KeySet {
-    /// Parses a JWKS body. Keys that cannot be used are skipped and their
-    /// reasons returned; a body without a `keys` array is an error.
-    pub fn parse(body: &[u8]) -> Result<(KeySet, Vec<String>), JwksError> {
-        let doc: Value = serde_json::from_slice(body).map_err(|_| JwksError::NotAKeySet)?;
-        let Some(Value::Array(raw)) = doc.get("keys") else {
-            return Err(JwksError::NotAKeySet);
-        };
-        let mut set = KeySet::default();
-        let mut skipped = Vec::new();
-        for (i, jwk) in raw.iter().enumerate() {
-            match parse_key(jwk) {
-                Ok(key) => set.keys.push(key),
-                Err(why) => {
-                    let kid = jwk.get("kid").and_then(Value::as_str).unwrap_or("-");
-                    skipped.push(format!("key {i} (kid {kid}): {why}"));
-                }
-            }
-        }
-        Ok((set, skipped))
-    }
-
-    /// Finds the key that signed `token`: every key with its `kid` (or, with
-    /// no `kid`, every key) whose type fits the token's `alg` is tried.
-    pub fn verify(
-        &self,
-        token: &UnverifiedToken<'_>,
-        issuer: &str,
-    ) -> Result<&VerifyKey, TokenError> {
-        if self.keys.is_empty() {
-            return Err(TokenError::NoKeys(issuer.to_owned()));
-        }
-        let alg = token.header.alg;
-        let kid = token.header.kid.as_deref();
-        let mut named = self
-            .keys
-            .iter()
-            .filter(|k| kid.is_none() || k.kid.as_deref() == kid);
-        let mut candidates = named.by_ref().peekable();
-        if candidates.peek().is_none() {
-            return Err(TokenError::UnknownKid {
-                kid: kid.unwrap_or_default().to_owned(),
-                issuer: issuer.to_owned(),
-            });
-        }
-        let mut fitting = candidates.filter(|k| k.fits(alg)).peekable();
-        if fitting.peek().is_none() {
-            return Err(TokenError::NoFittingKey {
-                issuer: issuer.to_owned(),
-                alg,
-            });
-        }
-        fitting
-            .find(|k| k.verify(token))
-            .ok_or(TokenError::BadSignature)
-    }
-
-    pub fn contains(&self, id: &[u8; 32]) -> bool {
-        self.keys.iter().any(|k| &k.id == id)
-    }
-}
-
-fn parse_key(jwk: &Value) -> Result<VerifyKey, String> {
-    let Value::Object(jwk) = jwk else {
-        return Err("not a JSON object".into());
-    };
-    if let Some(usage) = jwk.get("use").and_then(Value::as_str)
-        && usage != "sig"
-    {
-        return Err(format!("use \"{usage}\" is not \"sig\""));
-    }
-    if let Some(Value::Array(ops)) = jwk.get("key_ops")
-        && !ops.iter().any(|op| op == "verify")
-    {
-        return Err("key_ops does not include \"verify\"".into());
-    }
-    let declared = match jwk.get("alg") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(a)) => Some(
-            crate::auth::verify::allowed_algorithm(a)
-                .ok_or_else(|| format!("algorithm \"{a}\" is not supported"))?,
-        ),
-        Some(_) => return Err("\"alg\" is not a string".into()),
-    };
-    let kty = field(jwk, "kty")?;
-    let (kind, material, key) = match kty {
-        "RSA" => {
-            let n = b64_field(jwk, "n")?;
-            let e = b64_field(jwk, "e")?;
-            let n = strip_leading_zeros(&n);
-            let bits =
-                (n.len() * 8).saturating_sub(n.first().map_or(8, |b| b.leading_zeros() as usize));
-            if bits < MIN_RSA_BITS {
-                return Err(format!(
-                    "RSA modulus of {bits} bits is under {MIN_RSA_BITS}"
-                ));
-            }
-            let material = [n, b".", strip_leading_zeros(&e)].concat();
-            (
-                KeyType::Rsa,
-                material,
-                DecodingKey::from_rsa_raw_components(n, &e),
-            )
-        }
-        "EC" => {
-            let (kind, size) = match field(jwk, "crv")? {
-                "P-256" => (KeyType::P256, 32),
-                "P-384" => (KeyType::P384, 48),
-                crv => return Err(format!("curve \"{crv}\" is not supported")),
-            };
-            let x = b64_field(jwk, "x")?;
-            let y = b64_field(jwk, "y")?;
-            if x.len() != size || y.len() != size {
-                return Err(format!("EC coordinates must be {size} bytes"));
-            }
-            let point = [&[4u8][..], &x, &y].concat();
-            (kind, point.clone(), DecodingKey::from_ec_der(&point))
-        }
-        "OKP" => {
-            match field(jwk, "crv")? {
-                "Ed25519" => {}
-                crv => return Err(format!("curve \"{crv}\" is not supported")),
-            }
-            let x = b64_field(jwk, "x")?;
-            if x.len() != 32 {
-                return Err("Ed25519 key must be 32 bytes".into());
-            }
-            (KeyType::Ed25519, x.clone(), DecodingKey::from_ed_der(&x))
-        }
-        other => return Err(format!("key type \"{other}\" is not supported")),
-    };
-    if let Some(alg) = declared
-        && !kind.fits(alg)
-    {
-        return Err(format!("algorithm {alg:?} does not fit a {kind:?} key"));
-    }
-    let kid = jwk.get("kid").and_then(Value::as_str).map(str::to_owned);
-    let id: [u8; 32] = Sha256::new()
-        .chain_update(kty)
-        .chain_update(&material)
-        .finalize()
-        .into();
-    Ok(VerifyKey {
-        kid,
-        alg: declared,
-        kind,
-        id,
-        key,
-    })
-}
-
-fn field<'a>(jwk: &'a Map<String, Value>, name: &str) -> Result<&'a str, String> {
-    jwk.get(name)
-        .and_then(Value::as_str)
-        .ok_or_else(|| format!("no \"{name}\" string"))
-}
-
-fn b64_field(jwk: &Map<String, Value>, name: &str) -> Result<Vec<u8>, String> {
-    let text = field(jwk, name)?;
-    URL_SAFE_NO_PAD
-        .decode(text.trim_end_matches('='))
-        .map_err(|_| format!("\"{name}\" is not base64url"))
-}
-
-fn strip_leading_zeros(b: &[u8]) -> &[u8] {
-    let first = b.iter().position(|&x| x != 0).unwrap_or(b.len());
-    &b[first..]
 }
 
 /// Where an issuer's keys come from.
@@ -283,6 +64,9 @@ fn strip_leading_zeros(b: &[u8]) -> &[u8] {
 pub enum Location {
     Url(reqwest::Url),
     File(PathBuf),
+    /// An OIDC discovery document (`.../.well-known/openid-configuration`)
+    /// whose `jwks_uri` names the key set.
+    Discovery(reqwest::Url),
 }
 
 struct Cached {
@@ -302,6 +86,12 @@ pub struct KeySource {
     generation: AtomicU64,
     /// Serialises unknown-kid refetches; holds the time of the last one.
     refetch_gate: tokio::sync::Mutex<Option<Instant>>,
+    /// The `jwks_uri` of the discovery document, once read.
+    discovered: Mutex<Option<reqwest::Url>>,
+    /// Fetches started, finished (either way) and failed, for readiness and tests.
+    started: AtomicU64,
+    attempts: AtomicU64,
+    failures: AtomicU64,
 }
 
 impl KeySource {
@@ -322,6 +112,10 @@ impl KeySource {
             }),
             generation: AtomicU64::new(0),
             refetch_gate: tokio::sync::Mutex::new(None),
+            discovered: Mutex::new(None),
+            started: AtomicU64::new(0),
+            attempts: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
         })
     }
 
@@ -342,11 +136,43 @@ impl KeySource {
         !self.keys().keys.is_empty()
     }
 
+    /// Fetch attempts finished so far, successful or not.
+    pub fn attempts(&self) -> u64 {
+        self.attempts.load(Ordering::Acquire)
+    }
+
+    /// Whether a fetch has started and not finished.
+    pub fn in_flight(&self) -> bool {
+        self.started.load(Ordering::Acquire) > self.attempts()
+    }
+
+    /// Fetch attempts that failed so far.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Acquire)
+    }
+
     /// Starts the background fetch-and-refresh loop.
     pub fn spawn_refresh(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let source = Arc::clone(self);
         let span = info_span!("jwks", issuer = %self.issuer);
         tokio::spawn(async move { source.refresh_loop().await }.instrument(span))
+    }
+
+    /// Fetches now, in turn with every other fetch (a reload signal, tests).
+    /// Returns how many keys were installed; a failure keeps the old keys.
+    pub async fn reload(&self) -> Result<usize, JwksError> {
+        let _gate = self.refetch_gate.lock().await;
+        match self.fetch().await {
+            Ok((set, _)) => {
+                let count = set.keys.len();
+                self.install(set);
+                Ok(count)
+            }
+            Err(e) => {
+                self.record_failure(&e);
+                Err(e)
+            }
+        }
     }
 
     /// Called when a token names a key we do not have: refetch once, shared by
@@ -362,8 +188,10 @@ impl KeySource {
             return false;
         }
         *last = Some(now);
-        metrics::counter!("rlsproxy_jwks_unknown_kid_refetches_total").increment(1);
-        match self.fetch().await {
+        metrics::counter!("rlsproxy_jwks_unknown_kid_refetches_total", "issuer" => self.issuer.clone())
+            .increment(1);
+        let span = info_span!("jwks", issuer = %self.issuer);
+        match self.fetch().instrument(span).await {
             Ok((set, _)) => {
                 self.install(set);
                 true
@@ -426,12 +254,23 @@ impl KeySource {
             Err(poisoned) => *poisoned.into_inner() = fresh,
         }
         self.generation.fetch_add(1, Ordering::AcqRel);
-        metrics::counter!("rlsproxy_jwks_fetches_total", "result" => "ok").increment(1);
+        self.attempts.fetch_add(1, Ordering::AcqRel);
+        let issuer = self.issuer.clone();
+        metrics::counter!("rlsproxy_jwks_fetches_total", "issuer" => issuer.clone(), "result" => "ok")
+            .increment(1);
+        metrics::gauge!("rlsproxy_jwks_keys", "issuer" => issuer).set(count as f64);
         debug!(keys = count, "jwks installed");
     }
 
     fn record_failure(&self, e: &JwksError) {
-        metrics::counter!("rlsproxy_jwks_fetches_total", "result" => e.reason()).increment(1);
+        self.failures.fetch_add(1, Ordering::AcqRel);
+        self.attempts.fetch_add(1, Ordering::AcqRel);
+        metrics::counter!(
+            "rlsproxy_jwks_fetches_total",
+            "issuer" => self.issuer.clone(),
+            "result" => e.reason()
+        )
+        .increment(1);
         if self.has_keys() {
             warn!(error = %e, "jwks refresh failed; keeping the last good keys");
         } else {
@@ -451,11 +290,15 @@ impl KeySource {
             warn!("jwks keys are older than max_stale and are dropped");
             c.keys = Arc::default();
             self.generation.fetch_add(1, Ordering::AcqRel);
+            metrics::counter!("rlsproxy_jwks_stale_drops_total", "issuer" => self.issuer.clone())
+                .increment(1);
+            metrics::gauge!("rlsproxy_jwks_keys", "issuer" => self.issuer.clone()).set(0.0);
         }
     }
 
     /// One fetch: the parsed set and how long it may be cached.
     async fn fetch(&self) -> Result<(KeySet, Duration), JwksError> {
+        self.started.fetch_add(1, Ordering::AcqRel);
         let (body, ttl) = match &self.location {
             Location::File(path) => {
                 let body = tokio::fs::read(path)
@@ -464,6 +307,7 @@ impl KeySource {
                 (body, self.config.default_ttl)
             }
             Location::Url(url) => self.fetch_url(url).await?,
+            Location::Discovery(doc) => self.fetch_discovered(doc).await?,
         };
         let (set, skipped) = KeySet::parse(&body)?;
         for why in &skipped {
@@ -479,15 +323,81 @@ impl KeySource {
         Ok((set, ttl))
     }
 
+    /// Fetches the key set a discovery document names. The `jwks_uri` is
+    /// kept; a 404 from it means the issuer moved its keys, so the
+    /// document is read again and a new `jwks_uri` tried at once.
+    async fn fetch_discovered(&self, doc: &reqwest::Url) -> Result<(Vec<u8>, Duration), JwksError> {
+        let known = self.discovered.lock().map(|d| d.clone()).unwrap_or(None);
+        let jwks_uri = match known {
+            Some(url) => url,
+            None => self.discover(doc).await?,
+        };
+        match self.fetch_url(&jwks_uri).await {
+            Err(JwksError::Status(404)) => {
+                let fresh = self.discover(doc).await?;
+                if fresh == jwks_uri {
+                    return Err(JwksError::Status(404));
+                }
+                info!(jwks_uri = %fresh, "jwks_uri changed; fetching the new one");
+                self.fetch_url(&fresh).await
+            }
+            other => other,
+        }
+    }
+
+    /// Reads the discovery document for its `jwks_uri`, under the same
+    /// limits and URL rules as the key set itself.
+    async fn discover(&self, doc: &reqwest::Url) -> Result<reqwest::Url, JwksError> {
+        let result = self.read_discovery(doc).await;
+        let label = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.reason(),
+        };
+        metrics::counter!(
+            "rlsproxy_jwks_discoveries_total",
+            "issuer" => self.issuer.clone(),
+            "result" => label
+        )
+        .increment(1);
+        let url = result?;
+        if let Ok(mut d) = self.discovered.lock() {
+            *d = Some(url.clone());
+        }
+        debug!(jwks_uri = %url, "discovered jwks_uri");
+        Ok(url)
+    }
+
+    async fn read_discovery(&self, doc: &reqwest::Url) -> Result<reqwest::Url, JwksError> {
+        let (body, _) = self.fetch_url(doc).await?;
+        let value: Value = serde_json::from_slice(&body)
+            .map_err(|_| JwksError::Discovery("not a JSON object".into()))?;
+        let Some(uri) = value.get("jwks_uri").and_then(Value::as_str) else {
+            return Err(JwksError::Discovery("no \"jwks_uri\" string".into()));
+        };
+        if let Some(iss) = value.get("issuer").and_then(Value::as_str)
+            && iss.trim_end_matches('/') != self.issuer.trim_end_matches('/')
+        {
+            // Some providers (multi-tenant endpoints) publish a templated
+            // issuer; the operator chose this document, so warn only.
+            warn!(
+                document_issuer = iss,
+                "discovery document names another issuer"
+            );
+        }
+        let url = reqwest::Url::parse(uri)
+            .map_err(|e| JwksError::Discovery(format!("jwks_uri {uri:?}: {e}")))?;
+        check_url(&url, self.config.allow_http).map_err(JwksError::Discovery)?;
+        Ok(url)
+    }
+
     async fn fetch_url(&self, url: &reqwest::Url) -> Result<(Vec<u8>, Duration), JwksError> {
-        let http = |e: reqwest::Error| JwksError::Http(format!("{e:#}"));
         let mut resp = self
             .client
             .get(url.clone())
             .header(reqwest::header::ACCEPT, "application/json")
             .send()
             .await
-            .map_err(http)?;
+            .map_err(http_error)?;
         if !resp.status().is_success() {
             return Err(JwksError::Status(resp.status().as_u16()));
         }
@@ -500,13 +410,23 @@ impl KeySource {
             return Err(JwksError::TooLarge(max));
         }
         let mut body = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(http)? {
+        while let Some(chunk) = resp.chunk().await.map_err(http_error)? {
             if body.len() + chunk.len() > max {
                 return Err(JwksError::TooLarge(max));
             }
             body.extend_from_slice(&chunk);
         }
         Ok((body, ttl))
+    }
+}
+
+fn http_error(e: reqwest::Error) -> JwksError {
+    if e.is_timeout() {
+        JwksError::Timeout
+    } else if e.is_redirect() {
+        JwksError::Redirect(format!("{e:#}"))
+    } else {
+        JwksError::Http(format!("{e:#}"))
     }
 }
 
@@ -559,7 +479,7 @@ fn is_loopback(url: &reqwest::Url) -> bool {
 fn http_client(config: &JwksConfig) -> Result<reqwest::Client, JwksError> {
     let allow_http = config.allow_http;
     let redirects = reqwest::redirect::Policy::custom(move |attempt| {
-        if attempt.previous().len() > 3 {
+        if attempt.previous().len() > MAX_REDIRECTS {
             return attempt.error("more than 3 redirects");
         }
         let downgrade = attempt.previous().iter().any(|u| u.scheme() == "https")

@@ -1,8 +1,10 @@
 //! The token flow: pick the issuer by the token's `iss`, find its key in the
-//! cached JWKS, check the signature and the claims. Knows nothing of
-//! databases or relaying; a refusal says which check failed.
+//! cached JWKS, check the signature and the claims, then decide the role the
+//! session runs as under the issuer's rules (allowed roles, anonymous users).
+//! Knows nothing of databases or relaying; a refusal says which check failed.
 
 pub mod jwks;
+pub mod keys;
 pub mod verify;
 
 use std::sync::Arc;
@@ -12,20 +14,25 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use tracing::debug;
 
-use crate::config::Config;
+use crate::config::{AnonymousUsers, Config, IssuerConfig, JwksConfig};
 use jwks::{KeySource, Location};
 use verify::{ClaimsPolicy, TokenError};
 
 /// Longest a verified token is remembered, whatever its `exp`.
 const MAX_TOKEN_CACHE_TTL: Duration = Duration::from_secs(3600);
 
-/// A token that passed every check.
+/// A token that passed every check, and the role its session runs as.
 #[derive(Debug)]
 pub struct VerifiedToken {
     pub claims: Map<String, Value>,
     pub issuer: String,
     pub kid: Option<String>,
     pub sub: String,
+    /// The role the upstream session logs in as: the one the client asked
+    /// for, or the issuer's anonymous role for an anonymous user's token.
+    pub role: String,
+    /// Whether the token is an anonymous user's (see [`verify::is_anonymous_user`]).
+    pub anonymous: bool,
     issuer_index: usize,
     key_id: [u8; 32],
     cache_ttl: Duration,
@@ -43,6 +50,31 @@ struct Issuer {
     policy: ClaimsPolicy,
     source: Arc<KeySource>,
     allow_missing_iss: bool,
+    /// Roles its tokens may log into; `None` allows every token role.
+    roles: Option<Vec<String>>,
+    anonymous_users: AnonymousUsers,
+    anonymous_role: String,
+}
+
+impl Issuer {
+    /// The role a session runs as, or why this issuer's token may not have it.
+    fn effective_role(&self, requested: &str, anonymous: bool) -> Result<String, TokenError> {
+        if let Some(roles) = &self.roles
+            && !roles.iter().any(|r| r == requested)
+        {
+            return Err(TokenError::RoleNotAllowed {
+                issuer: self.policy.issuer.clone(),
+                role: requested.to_owned(),
+            });
+        }
+        if !anonymous {
+            return Ok(requested.to_owned());
+        }
+        match self.anonymous_users {
+            AnonymousUsers::Refuse => Err(TokenError::AnonymousUser(self.policy.issuer.clone())),
+            AnonymousUsers::AnonymousRole => Ok(self.anonymous_role.clone()),
+        }
+    }
 }
 
 struct TokenTtl;
@@ -62,9 +94,10 @@ impl moka::Expiry<[u8; 32], Arc<VerifiedToken>> for TokenTtl {
 pub struct Authenticator {
     issuers: Vec<Issuer>,
     max_token_bytes: usize,
-    /// Verified tokens by SHA-256 of the whole token; a hit skips the
-    /// signature but never the time checks.
-    cache: moka::sync::Cache<[u8; 32], Arc<VerifiedToken>>,
+    /// Verified tokens by SHA-256 of the requested role and the whole
+    /// token; a hit skips the signature but never the time checks. `None`
+    /// when `token_cache_entries` is 0.
+    cache: Option<moka::sync::Cache<[u8; 32], Arc<VerifiedToken>>>,
     /// Background refresh tasks, stopped when this authenticator is dropped
     /// (a reload replaces it).
     refreshers: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -96,16 +129,7 @@ impl Authenticator {
         let mut issuers = Vec::new();
         for (index, ic) in config.issuers.iter().enumerate() {
             let err = |message: String| AuthSetupError { index, message };
-            let location = match (&ic.jwks_url, &ic.jwks_file) {
-                (Some(url), _) => {
-                    let url =
-                        reqwest::Url::parse(url).map_err(|e| err(format!("jwks_url: {e}")))?;
-                    jwks::check_url(&url, config.jwks.allow_http).map_err(err)?;
-                    Location::Url(url)
-                }
-                (None, Some(path)) => Location::File(path.clone()),
-                (None, None) => return Err(err("no key source".into())),
-            };
+            let location = location(ic, &config.jwks).map_err(err)?;
             let source = KeySource::new(&ic.issuer, location, &config.jwks)
                 .map_err(|e| err(e.to_string()))?;
             issuers.push(Issuer {
@@ -117,18 +141,30 @@ impl Authenticator {
                 },
                 source: Arc::new(source),
                 allow_missing_iss: ic.allow_missing_iss,
+                roles: ic.roles.clone(),
+                anonymous_users: ic.anonymous_users,
+                anonymous_role: ic.anonymous_role.clone(),
             });
         }
-        let cache = moka::sync::Cache::builder()
-            .max_capacity(config.auth.token_cache_entries)
-            .expire_after(TokenTtl)
-            .build();
+        let entries = config.auth.token_cache_entries;
+        let cache = (entries > 0).then(|| {
+            moka::sync::Cache::builder()
+                .max_capacity(entries)
+                .expire_after(TokenTtl)
+                .build()
+        });
         Ok(Authenticator {
             issuers,
             max_token_bytes: config.auth.max_token_bytes,
             cache,
             refreshers: std::sync::Mutex::default(),
         })
+    }
+
+    /// The key source of each issuer, in config order (for readiness, tests
+    /// and benchmarks that drive a source directly).
+    pub fn sources(&self) -> Vec<Arc<KeySource>> {
+        self.issuers.iter().map(|i| i.source.clone()).collect()
     }
 
     /// Starts every issuer's background fetch; returns at once.
@@ -149,34 +185,49 @@ impl Authenticator {
         self.issuers.iter().any(|i| i.source.has_keys())
     }
 
-    /// Verifies `token`; the error names the failed check.
-    pub async fn verify(&self, token: &str) -> Result<Arc<VerifiedToken>, TokenError> {
+    /// Verifies `token` presented for a login as `role`; the error names
+    /// the failed check. The returned token carries the effective role.
+    pub async fn verify(&self, token: &str, role: &str) -> Result<Arc<VerifiedToken>, TokenError> {
         if token.len() > self.max_token_bytes {
             return Err(TokenError::TooLarge {
                 len: token.len(),
                 max: self.max_token_bytes,
             });
         }
-        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if let Some(hit) = self.cache.get(&hash) {
+        // The role is part of the key: the same token may be allowed one
+        // role and refused another, and each entry holds its decided role.
+        let cached = self.cache.as_ref().map(|cache| {
+            let hash: [u8; 32] = Sha256::new()
+                .chain_update(role.as_bytes())
+                .chain_update([0])
+                .chain_update(token.as_bytes())
+                .finalize()
+                .into();
+            (cache, hash)
+        });
+        if let Some((cache, hash)) = &cached
+            && let Some(hit) = cache.get(hash)
+        {
             let issuer = &self.issuers[hit.issuer_index];
             if issuer.source.keys().contains(&hit.key_id) {
                 verify::check_times(&hit.claims, &issuer.policy, verify::now_unix())?;
                 metrics::counter!("rlsproxy_token_cache_total", "result" => "hit").increment(1);
                 return Ok(hit);
             }
-            self.cache.invalidate(&hash);
+            cache.invalidate(hash);
         }
         metrics::counter!("rlsproxy_token_cache_total", "result" => "miss").increment(1);
 
         let started = std::time::Instant::now();
-        let verified = Arc::new(self.verify_uncached(token).await?);
+        let verified = Arc::new(self.verify_uncached(token, role).await?);
         metrics::histogram!("rlsproxy_token_verify_seconds").record(started.elapsed());
-        self.cache.insert(hash, verified.clone());
+        if let Some((cache, hash)) = cached {
+            cache.insert(hash, verified.clone());
+        }
         Ok(verified)
     }
 
-    async fn verify_uncached(&self, token: &str) -> Result<VerifiedToken, TokenError> {
+    async fn verify_uncached(&self, token: &str, role: &str) -> Result<VerifiedToken, TokenError> {
         let unverified = verify::parse(token)?;
         let issuer_index = self.pick_issuer(&unverified.claims)?;
         let issuer = &self.issuers[issuer_index];
@@ -204,6 +255,8 @@ impl Authenticator {
             Some(Value::String(s)) => s.clone(),
             _ => return Err(TokenError::MissingClaim("sub")),
         };
+        let anonymous = verify::is_anonymous_user(&unverified.claims)?;
+        let role = issuer.effective_role(role, anonymous)?;
         let exp = unverified
             .claims
             .get("exp")
@@ -215,6 +268,8 @@ impl Authenticator {
             issuer: name.clone(),
             kid: unverified.header.kid.clone(),
             sub,
+            role,
+            anonymous,
             claims: unverified.claims,
             issuer_index,
             key_id,
@@ -239,9 +294,29 @@ impl Authenticator {
     }
 }
 
-/// Selects aws-lc-rs as jsonwebtoken's crypto backend. jsonwebtoken 12
-/// panics on the first verify if no provider is installed, so this runs
-/// before any token work; a second call is harmless.
+/// Where an issuer's keys come from, with the URL rules applied.
+fn location(ic: &IssuerConfig, jwks: &JwksConfig) -> Result<Location, String> {
+    let url = |name: &str, text: &str| {
+        let url = reqwest::Url::parse(text).map_err(|e| format!("{name}: {e}"))?;
+        jwks::check_url(&url, jwks.allow_http)?;
+        Ok::<_, String>(url)
+    };
+    if let Some(text) = &ic.jwks_url {
+        return Ok(Location::Url(url("jwks_url", text)?));
+    }
+    if let Some(path) = &ic.jwks_file {
+        return Ok(Location::File(path.clone()));
+    }
+    match ic.discovery_document() {
+        Some(text) => Ok(Location::Discovery(url("discovery_url", &text)?)),
+        None => Err("no key source".into()),
+    }
+}
+
+/// Selects aws-lc-rs as jsonwebtoken's crypto backend. Signatures are
+/// checked with aws-lc-rs directly (see `keys`), but jsonwebtoken 12 panics
+/// on its first crypto call without a provider, so this stays for any
+/// caller of it; a second call is harmless.
 pub fn install_crypto_provider() {
     let _ = jsonwebtoken::crypto::aws_lc::DEFAULT_PROVIDER.install_default();
 }

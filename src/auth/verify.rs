@@ -51,6 +51,13 @@ pub enum TokenError {
     MissingAudience(Vec<String>),
     #[error("tokens of issuer \"{issuer}\" may not log in as role \"{role}\"")]
     RoleNotAllowed { issuer: String, role: String },
+    #[error("tokens of anonymous users of issuer \"{0}\" are not accepted")]
+    AnonymousUser(String),
+    #[error(
+        "token is ambiguous about being an anonymous user: \"is_anonymous\" is {is_anonymous} \
+         but \"aud\" {aud}"
+    )]
+    AnonymousMarkersDisagree { is_anonymous: bool, aud: String },
 }
 
 impl TokenError {
@@ -71,6 +78,9 @@ impl TokenError {
             TokenError::NotYetValid(_) | TokenError::IssuedInFuture(_) => "not_yet_valid",
             TokenError::WrongAudience { .. } | TokenError::MissingAudience(_) => "audience",
             TokenError::RoleNotAllowed { .. } => "role",
+            TokenError::AnonymousUser(_) | TokenError::AnonymousMarkersDisagree { .. } => {
+                "anonymous_user"
+            }
         }
     }
 }
@@ -97,8 +107,8 @@ pub struct UnverifiedToken<'a> {
     pub claims: Map<String, Value>,
     /// `header.payload`, the bytes the signature covers.
     pub signing_input: &'a str,
-    /// The signature, still base64url.
-    pub signature: &'a str,
+    /// The signature bytes, decoded from base64url.
+    pub signature: Vec<u8>,
 }
 
 /// Maps a JOSE `alg` to one we accept. `none` and HMAC are never accepted:
@@ -144,14 +154,15 @@ pub fn parse(token: &str) -> Result<UnverifiedToken<'_>, TokenError> {
         Some(_) => return Err(TokenError::Malformed("header \"kid\" is not a string")),
     };
     let claims = decode_json(p, "payload")?;
-    if s.is_empty() || URL_SAFE_NO_PAD.decode(s).is_err() {
-        return Err(TokenError::Malformed("signature is not base64url"));
-    }
+    let signature = match URL_SAFE_NO_PAD.decode(s) {
+        Ok(sig) if !sig.is_empty() => sig,
+        _ => return Err(TokenError::Malformed("signature is not base64url")),
+    };
     Ok(UnverifiedToken {
         header: Header { alg, kid },
         claims,
         signing_input,
-        signature: s,
+        signature,
     })
 }
 
@@ -264,6 +275,48 @@ pub fn check_claims(
             expected: "a string",
         }),
         None => Err(TokenError::MissingClaim("sub")),
+    }
+}
+
+/// Suffix Stack Auth gives the `aud` of its anonymous users' tokens.
+const ANONYMOUS_AUD_SUFFIX: &str = ":anon";
+
+/// Whether the token belongs to an anonymous user. Two markers exist:
+/// `is_anonymous: true` and an `aud` ending in `:anon` (Stack Auth sets
+/// both). When both are present they must agree, so that a token cannot
+/// pass as a regular user's by carrying only one of them.
+pub fn is_anonymous_user(claims: &Map<String, Value>) -> Result<bool, TokenError> {
+    let flag = match claims.get("is_anonymous") {
+        None | Some(Value::Null) => None,
+        Some(Value::Bool(b)) => Some(*b),
+        Some(_) => {
+            return Err(TokenError::ClaimType {
+                claim: "is_anonymous",
+                expected: "a boolean",
+            });
+        }
+    };
+    let anon_aud = |v: &Value| {
+        v.as_str()
+            .is_some_and(|a| a.ends_with(ANONYMOUS_AUD_SUFFIX))
+    };
+    let aud = match claims.get("aud") {
+        Some(Value::String(a)) => Some(a.ends_with(ANONYMOUS_AUD_SUFFIX)),
+        Some(Value::Array(items)) if !items.is_empty() => Some(items.iter().any(anon_aud)),
+        _ => None,
+    };
+    match (flag, aud) {
+        (Some(f), Some(a)) if f != a => Err(TokenError::AnonymousMarkersDisagree {
+            is_anonymous: f,
+            aud: if a {
+                "marks an anonymous user".into()
+            } else {
+                "does not end in \":anon\"".into()
+            },
+        }),
+        (Some(f), _) => Ok(f),
+        (None, Some(a)) => Ok(a),
+        (None, None) => Ok(false),
     }
 }
 
@@ -438,7 +491,37 @@ mod tests {
                 kid: Some("k1".into())
             }
         );
-        assert_eq!(format!("{}.{}", u.signing_input, u.signature), t);
+        let sig = URL_SAFE_NO_PAD.encode(&u.signature);
+        assert_eq!(format!("{}.{sig}", u.signing_input), t);
         assert_eq!(u.claims["sub"], "alice");
+    }
+
+    #[test]
+    fn anonymous_user_markers() {
+        let cases = [
+            (json!({"is_anonymous": true, "aud": "proj:anon"}), Ok(true)),
+            (json!({"aud": "proj:anon"}), Ok(true)),
+            (json!({"aud": ["x", "proj:anon"]}), Ok(true)),
+            (json!({"is_anonymous": true}), Ok(true)),
+            (json!({"is_anonymous": false, "aud": "proj"}), Ok(false)),
+            (json!({"aud": "proj"}), Ok(false)),
+            (json!({}), Ok(false)),
+            (
+                json!({"is_anonymous": false, "aud": "proj:anon"}),
+                Err("ambiguous"),
+            ),
+            (
+                json!({"is_anonymous": true, "aud": "proj"}),
+                Err("ambiguous"),
+            ),
+            (json!({"is_anonymous": "yes"}), Err("must be a boolean")),
+        ];
+        for (c, expected) in cases {
+            match (is_anonymous_user(&claims(c.clone())), expected) {
+                (Ok(got), Ok(want)) => assert_eq!(got, want, "{c}"),
+                (Err(e), Err(want)) => assert!(e.to_string().contains(want), "{c}: {e}"),
+                (got, want) => panic!("{c}: got {got:?}, want {want:?}"),
+            }
+        }
     }
 }

@@ -92,7 +92,7 @@ pub struct SessionKey {
 }
 
 impl SessionKey {
-    fn generate() -> Result<SessionKey, UpstreamError> {
+    pub fn generate() -> Result<SessionKey, UpstreamError> {
         let pair = Ed25519KeyPair::generate().map_err(|_| UpstreamError::Crypto)?;
         Ok(SessionKey { pair, last_jti: 0 })
     }

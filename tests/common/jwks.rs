@@ -28,6 +28,8 @@ pub enum Behaviour {
     Delay(Duration),
     /// 200 with this body verbatim (malformed JSON, odd keys).
     Body(String),
+    /// 302 to this location.
+    Redirect(String),
 }
 
 /// A JWKS server on `127.0.0.1:<random port>`; stops when dropped.
@@ -41,6 +43,8 @@ struct Shared {
     keys: Mutex<Vec<Value>>,
     behaviour: Mutex<Behaviour>,
     cache_control: Mutex<Option<String>>,
+    /// `jwks_uri` of the discovery document; None: this server's own.
+    jwks_uri: Mutex<Option<String>>,
     jwks_fetches: AtomicUsize,
     discovery_fetches: AtomicUsize,
 }
@@ -58,6 +62,7 @@ impl JwksServer {
             keys: Mutex::default(),
             behaviour: Mutex::default(),
             cache_control: Mutex::default(),
+            jwks_uri: Mutex::default(),
             jwks_fetches: AtomicUsize::default(),
             discovery_fetches: AtomicUsize::default(),
         });
@@ -111,6 +116,11 @@ impl JwksServer {
             .expect("cache-control lock") = value.map(str::to_owned);
     }
 
+    /// Makes the discovery document name this `jwks_uri` (None: our own).
+    pub fn set_discovery_jwks_uri(&self, uri: Option<&str>) {
+        *self.shared.jwks_uri.lock().expect("jwks_uri lock") = uri.map(str::to_owned);
+    }
+
     /// Requests to the JWKS URL so far, whatever was answered.
     pub fn fetch_count(&self) -> usize {
         self.shared.jwks_fetches.load(Ordering::SeqCst)
@@ -143,6 +153,9 @@ async fn jwks(State(shared): State<Arc<Shared>>) -> Response {
             (status, String::new())
         }
         Behaviour::Body(body) => (StatusCode::OK, body),
+        Behaviour::Redirect(location) => {
+            return (StatusCode::FOUND, [(header::LOCATION, location)]).into_response();
+        }
     };
 
     let mut headers = HeaderMap::new();
@@ -171,7 +184,9 @@ async fn discovery(State(shared): State<Arc<Shared>>) -> Response {
     shared.discovery_fetches.fetch_add(1, Ordering::SeqCst);
 
     let issuer = &shared.issuer;
-    let body = json!({ "issuer": issuer, "jwks_uri": format!("{issuer}/jwks.json") });
+    let jwks_uri = shared.jwks_uri.lock().expect("jwks_uri lock").clone();
+    let jwks_uri = jwks_uri.unwrap_or_else(|| format!("{issuer}/jwks.json"));
+    let body = json!({ "issuer": issuer, "jwks_uri": jwks_uri });
     (
         [(header::CONTENT_TYPE, "application/json")],
         body.to_string(),

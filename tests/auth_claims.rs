@@ -1,0 +1,261 @@
+//! Claims quirks, per-issuer role rules and the verified-token cache, at
+//! the `Authenticator` level: real key set in a `jwks_file`, real tokens,
+//! no network and no Postgres.
+
+mod common;
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+use common::{TestKey, claims, now};
+use rlsproxy::auth::Authenticator;
+use rlsproxy::auth::verify::TokenError;
+use rlsproxy::config::Config;
+
+const ISS: &str = "https://issuer.test";
+const AUD: &str = "app";
+/// Stack Auth style: regular users get `app`, anonymous users `app:anon`.
+const BOTH_AUDIENCES: &str = r#"["app", "app:anon"]"#;
+const ANONYMOUS_ROLE: &str = r#"anonymous_users = "anonymous_role""#;
+
+struct Env {
+    auth: Authenticator,
+    key: TestKey,
+    dir: TempDir,
+}
+
+impl Env {
+    /// One issuer with one ES256 key and audience `app`; `issuer_extra`
+    /// goes into its table, `top_extra` before it.
+    async fn start(issuer_extra: &str, top_extra: &str) -> Env {
+        Env::start_with(&format!("{AUD:?}"), issuer_extra, top_extra).await
+    }
+
+    /// Same, with `audience` given as a TOML value.
+    async fn start_with(audience: &str, issuer_extra: &str, top_extra: &str) -> Env {
+        let key = TestKey::es256("k1");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("jwks.json");
+        std::fs::write(&path, json!({ "keys": [key.jwk()] }).to_string()).expect("write");
+        let text = format!(
+            r#"
+            [upstream]
+            host = "127.0.0.1"
+            [roles.authenticated]
+            [roles.editor]
+            [roles.anonymous]
+            requires_token = false
+            {top_extra}
+            [[issuers]]
+            issuer = "{ISS}"
+            jwks_file = "{path}"
+            audience = {audience}
+            {issuer_extra}
+            "#,
+            path = path.display(),
+        );
+        let config = Config::parse(&text, &|_| None).expect("valid test config");
+        let auth = Authenticator::new(&config).expect("authenticator");
+        auth.sources()[0].reload().await.expect("keys load");
+        Env { auth, key, dir }
+    }
+
+    async fn verify(&self, claims: &Value) -> Result<String, TokenError> {
+        self.verify_as(claims, "authenticated").await
+    }
+
+    async fn verify_as(&self, claims: &Value, role: &str) -> Result<String, TokenError> {
+        let token = self.key.sign(claims);
+        self.auth.verify(&token, role).await.map(|t| t.role.clone())
+    }
+}
+
+fn with(patch: Value) -> Value {
+    let mut c = claims("alice", ISS, AUD);
+    for (k, v) in patch.as_object().expect("object") {
+        if v.is_null() {
+            c.as_object_mut().expect("object").remove(k);
+        } else {
+            c[k] = v.clone();
+        }
+    }
+    c
+}
+
+#[tokio::test]
+async fn numeric_dates_given_as_strings_are_refused() {
+    let env = Env::start("", "").await;
+    let later = (now() + 600).to_string();
+    for claim in ["exp", "nbf", "iat"] {
+        let e = env
+            .verify(&with(json!({ claim: later.clone() })))
+            .await
+            .expect_err("string date");
+        assert_eq!(
+            e,
+            TokenError::ClaimType {
+                claim,
+                expected: "a number"
+            }
+        );
+    }
+}
+
+#[tokio::test]
+async fn float_numeric_dates_are_accepted() {
+    let env = Env::start("", "").await;
+    let t = now() as f64;
+    let c = with(json!({ "exp": t + 600.5, "iat": t - 0.25, "nbf": t - 1.5 }));
+    assert_eq!(env.verify(&c).await.as_deref(), Ok("authenticated"));
+}
+
+#[tokio::test]
+async fn aud_may_be_a_string_or_an_array() {
+    let env = Env::start("", "").await;
+    assert!(env.verify(&with(json!({ "aud": AUD }))).await.is_ok());
+    assert!(
+        env.verify(&with(json!({ "aud": ["other", AUD] })))
+            .await
+            .is_ok()
+    );
+    let e = env
+        .verify(&with(json!({ "aud": ["other"] })))
+        .await
+        .expect_err("wrong audience");
+    assert!(matches!(e, TokenError::WrongAudience { .. }), "{e:?}");
+}
+
+#[tokio::test]
+async fn configured_audience_with_missing_aud_fails() {
+    let env = Env::start("", "").await;
+    let e = env
+        .verify(&with(json!({ "aud": null })))
+        .await
+        .expect_err("no aud");
+    assert_eq!(e, TokenError::MissingAudience(vec![AUD.to_owned()]));
+}
+
+#[tokio::test]
+async fn token_over_max_token_bytes_is_refused_before_parsing() {
+    let env = Env::start("", "[auth]\nmax_token_bytes = \"1KiB\"").await;
+    // Not even a JWT: a parse would say "malformed"; the size check comes first.
+    let junk = "x".repeat(1025);
+    let e = env
+        .auth
+        .verify(&junk, "authenticated")
+        .await
+        .expect_err("too large");
+    assert_eq!(
+        e,
+        TokenError::TooLarge {
+            len: 1025,
+            max: 1024
+        }
+    );
+    assert_eq!(
+        e.to_string(),
+        "token is 1025 bytes, more than the 1024 allowed"
+    );
+}
+
+#[tokio::test]
+async fn issuer_roles_limit_the_roles_its_tokens_log_into() {
+    let env = Env::start(r#"roles = ["editor"]"#, "").await;
+    let c = claims("alice", ISS, AUD);
+    assert_eq!(env.verify_as(&c, "editor").await.as_deref(), Ok("editor"));
+    let e = env.verify(&c).await.expect_err("role not allowed");
+    assert_eq!(
+        e,
+        TokenError::RoleNotAllowed {
+            issuer: ISS.into(),
+            role: "authenticated".into()
+        }
+    );
+    // The same token, cached for one role, is still refused for another.
+    let token = env.key.sign(&c);
+    assert!(env.auth.verify(&token, "editor").await.is_ok());
+    assert!(env.auth.verify(&token, "authenticated").await.is_err());
+}
+
+#[tokio::test]
+async fn anonymous_user_tokens_are_refused_by_default() {
+    let env = Env::start_with(BOTH_AUDIENCES, "", "").await;
+    let anon = with(json!({ "is_anonymous": true, "aud": "app:anon" }));
+    let e = env.verify(&anon).await.expect_err("anonymous");
+    assert_eq!(e, TokenError::AnonymousUser(ISS.into()));
+    assert!(e.to_string().contains("anonymous users"), "{e}");
+}
+
+#[tokio::test]
+async fn anonymous_user_tokens_map_to_the_anonymous_role_with_their_claims() {
+    let env = Env::start_with(BOTH_AUDIENCES, ANONYMOUS_ROLE, "").await;
+    let anon = with(json!({ "is_anonymous": true, "aud": "app:anon", "sub": "anon-7" }));
+    let token = env.key.sign(&anon);
+    let verified = env
+        .auth
+        .verify(&token, "authenticated")
+        .await
+        .expect("mapped");
+    assert_eq!(verified.role, "anonymous");
+    assert!(verified.anonymous);
+    assert_eq!(verified.claims["sub"], "anon-7");
+
+    // A regular user's token keeps the role it asked for.
+    let user = claims("alice", ISS, AUD);
+    assert_eq!(env.verify(&user).await.as_deref(), Ok("authenticated"));
+}
+
+#[tokio::test]
+async fn anonymous_markers_that_disagree_are_refused() {
+    let env = Env::start_with(BOTH_AUDIENCES, ANONYMOUS_ROLE, "").await;
+    for patch in [
+        json!({ "is_anonymous": false, "aud": "app:anon" }),
+        json!({ "is_anonymous": true, "aud": "app" }),
+    ] {
+        let e = env
+            .verify(&with(patch.clone()))
+            .await
+            .expect_err("ambiguous");
+        assert!(
+            matches!(e, TokenError::AnonymousMarkersDisagree { .. }),
+            "{patch}: {e:?}"
+        );
+        assert!(e.to_string().contains("ambiguous"), "{e}");
+    }
+}
+
+#[tokio::test]
+async fn cache_hit_never_skips_the_exp_check() {
+    let env = Env::start(r#"leeway = "0s""#, "").await;
+    let c = with(json!({ "exp": now() + 1 }));
+    let token = env.key.sign(&c);
+    assert!(env.auth.verify(&token, "authenticated").await.is_ok());
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let e = env
+        .auth
+        .verify(&token, "authenticated")
+        .await
+        .expect_err("expired while cached");
+    assert!(matches!(e, TokenError::Expired(_)), "{e:?}");
+}
+
+#[tokio::test]
+async fn cached_token_is_dropped_when_its_key_leaves_the_jwks() {
+    let env = Env::start("", "").await;
+    let token = env.key.sign(&claims("alice", ISS, AUD));
+    assert!(env.auth.verify(&token, "authenticated").await.is_ok());
+
+    let other = TestKey::es256("k2");
+    let path = env.dir.path().join("jwks.json");
+    std::fs::write(&path, json!({ "keys": [other.jwk()] }).to_string()).expect("write");
+    env.auth.sources()[0].reload().await.expect("reload");
+
+    let e = env
+        .auth
+        .verify(&token, "authenticated")
+        .await
+        .expect_err("key gone");
+    assert!(matches!(e, TokenError::UnknownKid { .. }), "{e:?}");
+}
