@@ -11,6 +11,7 @@
 mod jwks;
 mod keys;
 mod pg;
+pub mod proxy;
 
 use std::net::TcpListener;
 use std::time::{SystemTime, UNIX_EPOCH};
