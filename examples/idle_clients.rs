@@ -16,7 +16,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let count: usize = count.parse()?;
     let mut config = tokio_postgres::Config::new();
-    config.host(host).port(port.parse()?).user(user).password(password).dbname(database);
+    config
+        .host(host)
+        .port(port.parse()?)
+        .user(user)
+        .password(password)
+        .dbname(database);
 
     let mut clients = Vec::with_capacity(count);
     for _ in 0..count {

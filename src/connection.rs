@@ -226,7 +226,9 @@ where
         None
     };
     // The issuer's rules may serve the token as another role (anonymous users).
-    let role_name = token.as_ref().map_or(params.user.as_str(), |t| t.role.as_str());
+    let role_name = token
+        .as_ref()
+        .map_or(params.user.as_str(), |t| t.role.as_str());
     let role = match config.roles.get(role_name) {
         Some(r) => r,
         None => return Err(ClientError::UnknownRole(role_name.to_owned()).into()),

@@ -188,7 +188,7 @@ mod tests {
         let extra = Map::from_iter([parse_claim("is_admin=true").expect("claim")]);
         let token = issuer.mint("alice", DEFAULT_AUDIENCE, Duration::from_secs(60), &extra);
         let body = issuer.jwks().to_string();
-        let (set, skipped) = crate::auth::jwks::KeySet::parse(body.as_bytes()).expect("jwks");
+        let (set, skipped) = crate::auth::keys::KeySet::parse(body.as_bytes()).expect("jwks");
         assert!(skipped.is_empty());
         let unverified = crate::auth::verify::parse(&token).expect("parse");
         set.verify(&unverified, "dev").expect("signature verifies");

@@ -61,6 +61,11 @@ impl Proxy {
         }
     }
 
+    /// The cancel-key map (tests inspect it).
+    pub fn cancels(&self) -> Arc<crate::cancel::CancelMap> {
+        self.shared.cancels.clone()
+    }
+
     /// Whether at least one issuer has signing keys.
     pub fn has_keys(&self) -> bool {
         self.shared.state().auth.any_keys()

@@ -105,6 +105,58 @@ impl Framer {
     }
 }
 
+/// What the framer made of one byte stream: the tags seen, the bytes it
+/// let through, the last ReadyForQuery status, and whether every length
+/// word was valid.
+#[doc(hidden)]
+#[derive(Debug, PartialEq, Eq)]
+pub struct Framing {
+    pub tags: Vec<u8>,
+    pub forwarded: usize,
+    pub last_status: u8,
+    pub valid: bool,
+}
+
+/// Runs the relay's framer over `data` as if it arrived in reads ending at
+/// `cuts` (out-of-range cuts are ignored). For the fuzz target, which
+/// checks that how a stream is split across reads never changes what the
+/// framer sees; the proxy itself does not call this.
+#[doc(hidden)]
+pub fn frame_reads(data: &[u8], cuts: &[usize]) -> Framing {
+    let mut framer = Framer::default();
+    let mut pending = Vec::new();
+    let mut out = Framing {
+        tags: Vec::new(),
+        forwarded: 0,
+        last_status: b'I',
+        valid: true,
+    };
+    let mut start = 0;
+    for end in cuts.iter().copied().chain([data.len()]) {
+        if end < start || end > data.len() {
+            continue;
+        }
+        pending.extend_from_slice(&data[start..end]);
+        start = end;
+        let tags = &mut out.tags;
+        match framer.scan(&pending, |t| {
+            tags.push(t);
+            true
+        }) {
+            Ok(n) => {
+                out.forwarded += n;
+                pending.drain(..n);
+            }
+            Err(BadFrame) => {
+                out.valid = false;
+                break;
+            }
+        }
+    }
+    out.last_status = framer.last_status;
+    out
+}
+
 /// What the client side has asked for since the start.
 #[derive(Default)]
 struct ClientSide {
@@ -293,6 +345,18 @@ mod tests {
         assert_eq!(forwarded, stream.len());
         assert_eq!(tags, vec![b'D', b'Z']);
         assert_eq!(f.last_status, b'T');
+    }
+
+    #[test]
+    fn frame_reads_is_the_same_however_the_stream_is_split() {
+        let mut stream = msg(b'T', &[1; 30]);
+        stream.extend(msg(b'D', &[2; 300]));
+        stream.extend(msg(b'Z', b"E"));
+        let whole = frame_reads(&stream, &[]);
+        assert_eq!(whole.tags, b"TDZ");
+        assert_eq!((whole.forwarded, whole.last_status), (stream.len(), b'E'));
+        let cuts: Vec<usize> = (0..stream.len()).collect();
+        assert_eq!(frame_reads(&stream, &cuts), whole);
     }
 
     #[test]

@@ -66,12 +66,19 @@ pub async fn negotiate<S>(stream: &mut S, encryption: Encryption) -> Result<Star
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    for _ in 0..=MAX_NEGOTIATIONS {
+    let mut negotiations = 0;
+    loop {
         let packet = wire::read_untyped(stream, MAX_STARTUP_PACKET_BYTES).await?;
         let mut r = Reader::new(&packet);
         let code = r.i32()?;
         match code {
             wire::SSL_REQUEST_CODE | wire::GSSENC_REQUEST_CODE => {
+                // Refuse before answering: an `N` promises the client that
+                // its next packet will be read.
+                negotiations += 1;
+                if negotiations > MAX_NEGOTIATIONS {
+                    return Err(protocol("too many encryption requests").into());
+                }
                 if !r.is_empty() {
                     return Err(protocol("encryption request with trailing bytes").into());
                 }
@@ -99,7 +106,6 @@ where
             }
         }
     }
-    Err(protocol("too many encryption requests").into())
 }
 
 async fn parse_startup<S>(
@@ -280,7 +286,25 @@ mod tests {
         for _ in 0..5 {
             input.extend(packet(&wire::SSL_REQUEST_CODE.to_be_bytes()));
         }
-        let (result, _) = run(input).await;
+        let (result, answer) = run(input).await;
         assert!(result.is_err());
+        assert_eq!(answer.first(), Some(&b'N'));
+    }
+
+    /// A third encryption request was answered `N` and only then refused.
+    #[tokio::test]
+    async fn third_encryption_request_is_refused_unanswered() {
+        let mut input = Vec::new();
+        for code in [
+            wire::SSL_REQUEST_CODE,
+            wire::GSSENC_REQUEST_CODE,
+            wire::SSL_REQUEST_CODE,
+        ] {
+            input.extend(packet(&code.to_be_bytes()));
+        }
+        input.extend(packet(&startup_body(wire::PROTOCOL_3_0, &[("user", "u")])));
+        let (result, answer) = run(input).await;
+        assert!(result.is_err(), "{result:?}");
+        assert_eq!(answer, b"NN");
     }
 }

@@ -367,3 +367,44 @@ async fn upstream_tls_verify_full_and_a_wrong_ca_is_refused() {
         db.message()
     );
 }
+
+#[tokio::test]
+async fn bytes_stuffed_after_sslrequest_are_refused_with_tls() {
+    use tokio::io::AsyncWriteExt;
+
+    let dir = tempfile::tempdir().expect("dir");
+    let (_, cert, key) = TestCa::new("ca").write_server_files(dir.path(), "proxy");
+    let extra = format!(
+        "[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    let env = Env::start_with(Options {
+        extra,
+        ..Default::default()
+    })
+    .await;
+
+    // An SSLRequest and, in the same write, a plaintext startup packet that
+    // an attacker wants read as if it came inside the TLS session.
+    let mut bytes = vec![0, 0, 0, 8];
+    bytes.extend_from_slice(&rlsproxy::wire::SSL_REQUEST_CODE.to_be_bytes());
+    let body = b"\x00\x03\x00\x00user\x00authenticated\x00\x00";
+    bytes.extend_from_slice(&(i32::try_from(body.len() + 4).expect("small")).to_be_bytes());
+    bytes.extend_from_slice(body);
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", env.proxy_port))
+        .await
+        .expect("connect");
+    tcp.write_all(&bytes).await.expect("send");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        !answer.starts_with(b"S"),
+        "the proxy must not start TLS: {text:?}"
+    );
+    assert!(
+        text.contains("08P01") && text.contains("unencrypted data after SSLRequest"),
+        "{text:?}"
+    );
+}

@@ -14,6 +14,7 @@ mod jwks;
 mod keys;
 mod pg;
 mod process;
+pub mod proxy;
 
 use std::net::TcpListener;
 use std::time::{SystemTime, UNIX_EPOCH};
