@@ -27,6 +27,10 @@ struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Runtime worker threads (default: one per CPU). 1 runs everything on
+    /// one thread, which can win on small machines shared with Postgres.
+    #[arg(long, global = true, env = "RLSPROXY_WORKER_THREADS")]
+    worker_threads: Option<usize>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -89,7 +93,7 @@ enum LogFormat {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match build_runtime(cli.worker_threads) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("rlsproxy: cannot start the runtime: {e}");
@@ -123,6 +127,19 @@ fn main() -> ExitCode {
             eprintln!("rlsproxy: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn build_runtime(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        Some(n) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+        None => tokio::runtime::Runtime::new(),
     }
 }
 
