@@ -2,11 +2,11 @@
 //! proxy watches message boundaries only, to stop at the client's Terminate
 //! and to know whether the upstream ended idle (so it can be reused).
 
-use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 
-/// Read buffer size per direction.
-const BUFFER_BYTES: usize = 8192;
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// How the relay ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,27 +157,159 @@ pub fn frame_reads(data: &[u8], cuts: &[usize]) -> Framing {
     out
 }
 
-/// What the client side has asked for since the start.
+/// One direction of the relay. Reads go into a buffer on the stack of the
+/// poll call, so an idle session holds no read buffer at all; only bytes the
+/// destination could not take yet are copied to the heap (`spill`).
 #[derive(Default)]
-struct ClientSide {
+struct Direction {
     framer: Framer,
-    /// Query, Sync and FunctionCall messages sent; each earns one ReadyForQuery.
-    expect_ready: u64,
-    /// Extended-protocol messages sent since the last Sync.
-    unsynced: bool,
+    /// Unwritten bytes, kept when the destination would block.
+    spill: Vec<u8>,
+    spill_at: usize,
+    /// A partial message header held back for the next read.
+    carry: [u8; 5],
+    carry_len: usize,
+    /// The destination (TLS) has buffered bytes to flush.
+    flush_pending: bool,
+    /// Set once the direction must end after the spill is written.
+    stopping: Option<End>,
     bytes: u64,
 }
 
-#[derive(Default)]
-struct UpstreamSide {
-    framer: Framer,
-    ready_seen: u64,
-    tx_status: u8,
-    bytes: u64,
+/// How a direction failed, mapped to an [`End`] by the caller.
+struct Ends {
+    read_eof: End,
+    read_error: End,
+    write_error: End,
 }
+
+const CLIENT_SIDE: Ends = Ends {
+    read_eof: End::ClientClosed,
+    read_error: End::ClientError,
+    write_error: End::UpstreamClosed,
+};
+const UPSTREAM_SIDE: Ends = Ends {
+    read_eof: End::UpstreamClosed,
+    read_error: End::UpstreamClosed,
+    write_error: End::ClientError,
+};
+
+impl Direction {
+    /// Moves bytes from `src` to `dst` until one would block or the
+    /// direction ends. `on_message` sees each message tag and may stop the
+    /// direction before that message (it is not forwarded).
+    fn poll_relay<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut R,
+        dst: &mut W,
+        ends: &Ends,
+        on_message: &mut dyn FnMut(u8) -> bool,
+    ) -> Poll<End>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            if let Err(end) = ready!(self.poll_drain(cx, dst, ends)) {
+                return Poll::Ready(end);
+            }
+            if let Some(end) = self.stopping {
+                return Poll::Ready(end);
+            }
+
+            let mut stack = [0u8; READ_BYTES];
+            stack[..self.carry_len].copy_from_slice(&self.carry[..self.carry_len]);
+            let mut read = ReadBuf::new(&mut stack[self.carry_len..]);
+            match Pin::new(&mut *src).poll_read(cx, &mut read) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(_)) => return Poll::Ready(ends.read_error),
+                Poll::Ready(Ok(())) if read.filled().is_empty() => {
+                    // EOF inside a message header is a broken stream.
+                    let end = if self.carry_len == 0 {
+                        ends.read_eof
+                    } else {
+                        ends.read_error
+                    };
+                    return Poll::Ready(end);
+                }
+                Poll::Ready(Ok(())) => {}
+            }
+            let data_len = self.carry_len + read.filled().len();
+            let data = &stack[..data_len];
+
+            let mut stopped = false;
+            let scanned = self.framer.scan(data, |tag| {
+                let go_on = on_message(tag);
+                stopped |= !go_on;
+                go_on
+            });
+            let Ok(consumed) = scanned else {
+                return Poll::Ready(ends.read_error);
+            };
+            if stopped {
+                self.stopping = Some(End::Terminate);
+                self.carry_len = 0;
+            } else {
+                self.carry_len = data_len - consumed;
+                self.carry[..self.carry_len].copy_from_slice(&data[consumed..]);
+            }
+            self.bytes += consumed as u64;
+
+            let mut written = 0;
+            while written < consumed {
+                match Pin::new(&mut *dst).poll_write(cx, &data[written..consumed]) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                        return Poll::Ready(ends.write_error);
+                    }
+                    Poll::Ready(Ok(n)) => written += n,
+                    Poll::Pending => {
+                        self.spill.extend_from_slice(&data[written..consumed]);
+                        return Poll::Pending;
+                    }
+                }
+            }
+            self.flush_pending = written > 0;
+        }
+    }
+
+    /// Writes the spill and flushes; `Ok` once nothing is left to send.
+    fn poll_drain<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut W,
+        ends: &Ends,
+    ) -> Poll<Result<(), End>> {
+        while self.spill_at < self.spill.len() {
+            match ready!(Pin::new(&mut *dst).poll_write(cx, &self.spill[self.spill_at..])) {
+                Ok(0) | Err(_) => return Poll::Ready(Err(ends.write_error)),
+                Ok(n) => {
+                    self.spill_at += n;
+                    self.flush_pending = true;
+                }
+            }
+        }
+        if !self.spill.is_empty() {
+            // Give the memory back: a session that idles keeps none.
+            self.spill = Vec::new();
+            self.spill_at = 0;
+        }
+        if self.flush_pending {
+            if ready!(Pin::new(&mut *dst).poll_flush(cx)).is_err() {
+                return Poll::Ready(Err(ends.write_error));
+            }
+            self.flush_pending = false;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Bytes read per poll, on the stack.
+const READ_BYTES: usize = 16 * 1024;
 
 /// Relays until the client terminates, either side closes or `shutdown`
-/// resolves. `pending` holds upstream bytes already read during set-up.
+/// resolves. `pending` holds upstream bytes already read during set-up;
+/// it is forwarded first and left empty.
 pub async fn relay<C, U>(
     client: &mut C,
     upstream: &mut U,
@@ -188,131 +320,89 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut cs = ClientSide::default();
-    let mut us = UpstreamSide {
-        tx_status: b'I',
-        ..Default::default()
-    };
-    let (mut client_rd, mut client_wr) = tokio::io::split(client);
-    let (mut up_rd, mut up_wr) = tokio::io::split(upstream);
-    let mut up_buf = std::mem::take(pending);
+    let mut up = Direction::default();
+    let mut down = Direction::default();
+    // Query, Sync and FunctionCall each earn one ReadyForQuery.
+    let mut expect_ready: u64 = 0;
+    // Extended-protocol messages sent since the last Sync.
+    let mut unsynced = false;
+    let mut ready_seen: u64 = 0;
 
-    let end = {
-        let to_upstream = client_to_upstream(&mut client_rd, &mut up_wr, &mut cs);
-        let to_client = upstream_to_client(&mut up_rd, &mut client_wr, &mut us, &mut up_buf);
-        tokio::select! {
-            end = to_upstream => end,
-            end = to_client => end,
-            () = shutdown => End::Shutdown,
+    let taken = std::mem::take(pending);
+    let mut malformed_pending = false;
+    if !taken.is_empty() {
+        match down.framer.scan(&taken, |tag| {
+            ready_seen += u64::from(tag == b'Z');
+            true
+        }) {
+            Ok(consumed) => {
+                down.spill = taken[..consumed].to_vec();
+                down.carry_len = taken.len() - consumed;
+                down.carry[..down.carry_len].copy_from_slice(&taken[consumed..]);
+                down.bytes += consumed as u64;
+            }
+            Err(BadFrame) => malformed_pending = true,
         }
+    }
+
+    tokio::pin!(shutdown);
+    let end = if malformed_pending {
+        End::UpstreamClosed
+    } else {
+        std::future::poll_fn(|cx| {
+            if shutdown.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(End::Shutdown);
+            }
+            let mut client_message = |tag: u8| {
+                match tag {
+                    b'X' => return false,
+                    b'Q' | b'F' => expect_ready += 1,
+                    b'S' => {
+                        expect_ready += 1;
+                        unsynced = false;
+                    }
+                    // COPY data and Flush do not need a Sync of their own.
+                    b'd' | b'c' | b'f' | b'H' => {}
+                    _ => unsynced = true,
+                }
+                true
+            };
+            if let Poll::Ready(end) =
+                up.poll_relay(cx, client, upstream, &CLIENT_SIDE, &mut client_message)
+            {
+                return Poll::Ready(end);
+            }
+            let mut upstream_message = |tag: u8| {
+                ready_seen += u64::from(tag == b'Z');
+                true
+            };
+            down.poll_relay(cx, upstream, client, &UPSTREAM_SIDE, &mut upstream_message)
+        })
+        .await
     };
 
     let idle = matches!(end, End::Terminate | End::ClientClosed)
-        && cs.framer.remaining == 0
-        && us.framer.remaining == 0
-        && up_buf.is_empty()
-        && !cs.unsynced
-        && cs.expect_ready == us.ready_seen;
+        && up.framer.remaining == 0
+        && up.carry_len == 0
+        && down.framer.remaining == 0
+        && down.carry_len == 0
+        && down.spill_at == down.spill.len()
+        && !unsynced
+        && expect_ready == ready_seen;
     Outcome {
         end,
         idle,
-        tx_status: us.tx_status,
-        client_at_boundary: us.framer.remaining == 0,
-        bytes_from_client: cs.bytes,
-        bytes_from_upstream: us.bytes,
-    }
-}
-
-async fn client_to_upstream<R, W>(rd: &mut R, wr: &mut W, side: &mut ClientSide) -> End
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = BytesMut::with_capacity(BUFFER_BYTES);
-    loop {
-        buf.reserve(BUFFER_BYTES / 2);
-        match rd.read_buf(&mut buf).await {
-            Ok(0) => {
-                return if buf.is_empty() {
-                    End::ClientClosed
-                } else {
-                    End::ClientError
-                };
-            }
-            Ok(_) => {}
-            Err(_) => return End::ClientError,
-        }
-        let mut terminate = false;
-        let scanned = side.framer.scan(&buf, |tag| {
-            match tag {
-                b'X' => {
-                    terminate = true;
-                    return false;
-                }
-                b'Q' | b'F' => side.expect_ready += 1,
-                b'S' => {
-                    side.expect_ready += 1;
-                    side.unsynced = false;
-                }
-                // COPY data and Flush do not need a Sync of their own.
-                b'd' | b'c' | b'f' | b'H' => {}
-                _ => side.unsynced = true,
-            }
-            true
-        });
-        let Ok(consumed) = scanned else {
-            return End::ClientError;
-        };
-        side.bytes += consumed as u64;
-        if wr.write_all(&buf[..consumed]).await.is_err() {
-            return End::UpstreamClosed;
-        }
-        buf.advance(consumed);
-        if terminate {
-            return End::Terminate;
-        }
-    }
-}
-
-async fn upstream_to_client<R, W>(
-    rd: &mut R,
-    wr: &mut W,
-    side: &mut UpstreamSide,
-    buf: &mut BytesMut,
-) -> End
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    loop {
-        if !buf.is_empty() {
-            let ready_seen = &mut side.ready_seen;
-            let scanned = side.framer.scan(buf, |tag| {
-                *ready_seen += u64::from(tag == b'Z');
-                true
-            });
-            let Ok(consumed) = scanned else {
-                return End::UpstreamClosed;
-            };
-            side.tx_status = side.framer.last_status;
-            side.bytes += consumed as u64;
-            if wr.write_all(&buf[..consumed]).await.is_err() {
-                return End::ClientError;
-            }
-            buf.advance(consumed);
-        }
-        buf.reserve(BUFFER_BYTES / 2);
-        match rd.read_buf(buf).await {
-            Ok(0) | Err(_) => return End::UpstreamClosed,
-            Ok(_) => {}
-        }
+        tx_status: down.framer.last_status,
+        client_at_boundary: down.framer.remaining == 0 && down.spill_at == down.spill.len(),
+        bytes_from_client: up.bytes,
+        bytes_from_upstream: down.bytes,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use bytes::BufMut;
-    use tokio::io::duplex;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
 
     use super::*;
 
@@ -425,5 +515,90 @@ mod tests {
         let outcome = task.await.expect("relay");
         assert_eq!(outcome.end, End::ClientClosed);
         assert!(!outcome.idle);
+    }
+
+    #[tokio::test]
+    async fn a_slow_client_gets_every_byte_in_order() {
+        // A tiny duplex buffer makes every write to the client block, so
+        // the relay spills and drains again and again.
+        let (mut client, mut client_end) = duplex(64);
+        let (mut upstream, mut upstream_end) = duplex(1 << 20);
+        let task = tokio::spawn(async move {
+            let mut pending = BytesMut::from(&msg(b'N', b"notice before hand-over")[..]);
+            relay(
+                &mut client_end,
+                &mut upstream_end,
+                &mut pending,
+                std::future::pending(),
+            )
+            .await
+        });
+        let mut expected = msg(b'N', b"notice before hand-over");
+        let mut stream = Vec::new();
+        for i in 0..200u32 {
+            stream.extend(msg(b'D', &i.to_be_bytes().repeat(100)));
+        }
+        stream.extend(msg(b'Z', b"I"));
+        expected.extend(&stream);
+        let query = msg(b'Q', b"select big\0");
+        client.write_all(&query).await.expect("query");
+        let mut got_query = vec![0u8; query.len()];
+        upstream.read_exact(&mut got_query).await.expect("query arrives");
+        upstream.write_all(&stream).await.expect("write");
+        let mut got = vec![0u8; expected.len()];
+        client.read_exact(&mut got).await.expect("read everything");
+        assert_eq!(got, expected);
+        client.write_all(&msg(b'X', b"")).await.expect("terminate");
+        let outcome = task.await.expect("relay");
+        assert_eq!(outcome.end, End::Terminate);
+        assert!(outcome.idle, "{outcome:?}");
+    }
+
+    #[tokio::test]
+    async fn messages_split_across_writes_are_forwarded_whole() {
+        let (mut client, mut client_end) = duplex(1 << 16);
+        let (mut upstream, mut upstream_end) = duplex(1 << 16);
+        let task = tokio::spawn(async move {
+            let mut pending = BytesMut::new();
+            relay(
+                &mut client_end,
+                &mut upstream_end,
+                &mut pending,
+                std::future::pending(),
+            )
+            .await
+        });
+        let query = msg(b'Q', b"select 42\0");
+        for b in &query {
+            client.write_all(&[*b]).await.expect("write one byte");
+            tokio::task::yield_now().await;
+        }
+        let mut got = vec![0u8; query.len()];
+        upstream.read_exact(&mut got).await.expect("query arrives");
+        assert_eq!(got, query);
+        upstream.write_all(&msg(b'Z', b"I")).await.expect("ready");
+        let mut z = [0u8; 6];
+        client.read_exact(&mut z).await.expect("ready arrives");
+        // Terminate split in two: the relay must hold the header, not forward it.
+        let terminate = msg(b'X', b"");
+        client.write_all(&terminate[..2]).await.expect("half");
+        tokio::task::yield_now().await;
+        client.write_all(&terminate[2..]).await.expect("rest");
+        let outcome = task.await.expect("relay");
+        assert_eq!(outcome.end, End::Terminate);
+        assert!(outcome.idle);
+        drop(upstream_end_probe(&mut upstream).await);
+    }
+
+    /// Whatever reached the upstream after the query: must be nothing.
+    async fn upstream_end_probe(upstream: &mut tokio::io::DuplexStream) -> Vec<u8> {
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            upstream.read_to_end(&mut rest),
+        )
+        .await;
+        assert!(rest.is_empty(), "Terminate leaked upstream: {rest:?}");
+        rest
     }
 }
