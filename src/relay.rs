@@ -543,7 +543,10 @@ mod tests {
         let query = msg(b'Q', b"select big\0");
         client.write_all(&query).await.expect("query");
         let mut got_query = vec![0u8; query.len()];
-        upstream.read_exact(&mut got_query).await.expect("query arrives");
+        upstream
+            .read_exact(&mut got_query)
+            .await
+            .expect("query arrives");
         upstream.write_all(&stream).await.expect("write");
         let mut got = vec![0u8; expected.len()];
         client.read_exact(&mut got).await.expect("read everything");

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use libfuzzer_sys::fuzz_target;
 use tokio::io::AsyncWriteExt;
 
-use rlsproxy::startup::{self, Startup};
+use rlsproxy::startup::{self, Encryption, Startup};
 
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
@@ -25,8 +25,18 @@ fuzz_target!(|data: &[u8]| {
         let (mut client, mut server) = tokio::io::duplex(1 << 20);
         client.write_all(data).await.expect("write input");
         client.shutdown().await.expect("close input");
-        if let Ok(Startup::Session(params)) = startup::negotiate(&mut server).await {
-            assert!(!params.user.is_empty() && !params.database.is_empty());
+        // The first byte picks the TLS state, so every branch is explored.
+        let encryption = match data.first().map(|b| b % 3) {
+            Some(0) => Encryption::Offered,
+            Some(1) => Encryption::Established,
+            _ => Encryption::Unavailable,
+        };
+        match startup::negotiate(&mut server, encryption).await {
+            Ok(Startup::Session(params)) => {
+                assert!(!params.user.is_empty() && !params.database.is_empty());
+            }
+            Ok(Startup::TlsRequested) => assert_eq!(encryption, Encryption::Offered),
+            _ => {}
         }
     });
 });

@@ -476,21 +476,66 @@ fn is_loopback(url: &reqwest::Url) -> bool {
     }
 }
 
+/// Whether a fetch may follow a redirect to `next` after visiting
+/// `previous`: at most three hops, never from https down to http (not even
+/// to loopback), and `next` must pass the same URL rules as a configured one.
+fn redirect_verdict(
+    previous: &[reqwest::Url],
+    next: &reqwest::Url,
+    allow_http: bool,
+) -> Result<(), String> {
+    if previous.len() > MAX_REDIRECTS {
+        return Err("more than 3 redirects".into());
+    }
+    if previous.iter().any(|u| u.scheme() == "https") && next.scheme() != "https" {
+        return Err("redirect from https to http".into());
+    }
+    check_url(next, allow_http)
+}
+
+#[cfg(test)]
+mod redirect_tests {
+    use super::redirect_verdict;
+
+    fn urls(list: &[&str]) -> Vec<reqwest::Url> {
+        list.iter()
+            .map(|u| reqwest::Url::parse(u).expect("url"))
+            .collect()
+    }
+
+    #[test]
+    fn https_never_redirects_down_to_http() {
+        let next = &urls(&["http://127.0.0.1/jwks.json"])[0];
+        let from_https = urls(&["https://issuer.example/jwks.json"]);
+        let e = redirect_verdict(&from_https, next, true).expect_err("downgrade");
+        assert_eq!(e, "redirect from https to http");
+        let from_loopback = urls(&["http://localhost/jwks.json"]);
+        redirect_verdict(&from_loopback, next, false).expect("loopback to loopback");
+    }
+
+    #[test]
+    fn redirect_targets_follow_the_url_rules_and_the_hop_limit() {
+        let from = urls(&["http://127.0.0.1/a"]);
+        let outside = &urls(&["http://issuer.example/jwks.json"])[0];
+        assert!(redirect_verdict(&from, outside, false).is_err());
+        redirect_verdict(&from, outside, true).expect("allowed with allow_http");
+        let four = urls(&["https://a/1", "https://a/2", "https://a/3", "https://a/4"]);
+        let next = &urls(&["https://a/5"])[0];
+        assert_eq!(
+            redirect_verdict(&four, next, false),
+            Err("more than 3 redirects".into())
+        );
+        redirect_verdict(&four[..3], next, false).expect("three hops are fine");
+    }
+}
+
 fn http_client(config: &JwksConfig) -> Result<reqwest::Client, JwksError> {
     let allow_http = config.allow_http;
     let redirects = reqwest::redirect::Policy::custom(move |attempt| {
-        if attempt.previous().len() > MAX_REDIRECTS {
-            return attempt.error("more than 3 redirects");
+        match redirect_verdict(attempt.previous(), attempt.url(), allow_http) {
+            Ok(()) => attempt.follow(),
+            Err(e) => attempt.error(e),
         }
-        let downgrade = attempt.previous().iter().any(|u| u.scheme() == "https")
-            && attempt.url().scheme() != "https";
-        if downgrade {
-            return attempt.error("redirect from https to http");
-        }
-        if let Err(e) = check_url(attempt.url(), allow_http) {
-            return attempt.error(e);
-        }
-        attempt.follow()
     });
     reqwest::Client::builder()
         .connect_timeout(config.connect_timeout)
