@@ -493,6 +493,23 @@ fn redirect_verdict(
     check_url(next, allow_http)
 }
 
+fn http_client(config: &JwksConfig) -> Result<reqwest::Client, JwksError> {
+    let allow_http = config.allow_http;
+    let redirects = reqwest::redirect::Policy::custom(move |attempt| {
+        match redirect_verdict(attempt.previous(), attempt.url(), allow_http) {
+            Ok(()) => attempt.follow(),
+            Err(e) => attempt.error(e),
+        }
+    });
+    reqwest::Client::builder()
+        .connect_timeout(config.connect_timeout)
+        .timeout(config.timeout)
+        .redirect(redirects)
+        .user_agent(concat!("rlsproxy/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| JwksError::Http(e.to_string()))
+}
+
 #[cfg(test)]
 mod redirect_tests {
     use super::redirect_verdict;
@@ -527,21 +544,4 @@ mod redirect_tests {
         );
         redirect_verdict(&four[..3], next, false).expect("three hops are fine");
     }
-}
-
-fn http_client(config: &JwksConfig) -> Result<reqwest::Client, JwksError> {
-    let allow_http = config.allow_http;
-    let redirects = reqwest::redirect::Policy::custom(move |attempt| {
-        match redirect_verdict(attempt.previous(), attempt.url(), allow_http) {
-            Ok(()) => attempt.follow(),
-            Err(e) => attempt.error(e),
-        }
-    });
-    reqwest::Client::builder()
-        .connect_timeout(config.connect_timeout)
-        .timeout(config.timeout)
-        .redirect(redirects)
-        .user_agent(concat!("rlsproxy/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| JwksError::Http(e.to_string()))
 }
