@@ -402,9 +402,27 @@ where
 #[cfg(test)]
 mod tests {
     use bytes::BufMut;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
 
     use super::*;
+
+    type RelayTask = tokio::task::JoinHandle<Outcome>;
+
+    /// A relay between two in-memory sockets; returns the client's and the
+    /// upstream's far ends. `pending` plays bytes read during set-up.
+    fn spawn_relay(
+        client_capacity: usize,
+        pending: &[u8],
+    ) -> (DuplexStream, DuplexStream, RelayTask) {
+        let (client, mut client_end) = duplex(client_capacity);
+        let (upstream, mut upstream_end) = duplex(1 << 20);
+        let mut pending = BytesMut::from(pending);
+        let task = tokio::spawn(async move {
+            let never = std::future::pending();
+            relay(&mut client_end, &mut upstream_end, &mut pending, never).await
+        });
+        (client, upstream, task)
+    }
 
     fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
         let mut out = vec![tag];
@@ -457,18 +475,7 @@ mod tests {
 
     #[tokio::test]
     async fn terminate_stops_the_relay_and_leaves_upstream_idle() {
-        let (mut client, mut client_end) = duplex(1 << 16);
-        let (mut upstream, mut upstream_end) = duplex(1 << 16);
-        let task = tokio::spawn(async move {
-            let mut pending = BytesMut::new();
-            relay(
-                &mut client_end,
-                &mut upstream_end,
-                &mut pending,
-                std::future::pending(),
-            )
-            .await
-        });
+        let (mut client, mut upstream, task) = spawn_relay(1 << 16, b"");
 
         client
             .write_all(&msg(b'Q', b"select 1\0"))
@@ -495,18 +502,7 @@ mod tests {
 
     #[tokio::test]
     async fn client_leaving_mid_query_is_not_idle() {
-        let (mut client, mut client_end) = duplex(1 << 16);
-        let (_upstream, mut upstream_end) = duplex(1 << 16);
-        let task = tokio::spawn(async move {
-            let mut pending = BytesMut::new();
-            relay(
-                &mut client_end,
-                &mut upstream_end,
-                &mut pending,
-                std::future::pending(),
-            )
-            .await
-        });
+        let (mut client, _upstream, task) = spawn_relay(1 << 16, b"");
         client
             .write_all(&msg(b'Q', b"select pg_sleep(9)\0"))
             .await
@@ -521,18 +517,8 @@ mod tests {
     async fn a_slow_client_gets_every_byte_in_order() {
         // A tiny duplex buffer makes every write to the client block, so
         // the relay spills and drains again and again.
-        let (mut client, mut client_end) = duplex(64);
-        let (mut upstream, mut upstream_end) = duplex(1 << 20);
-        let task = tokio::spawn(async move {
-            let mut pending = BytesMut::from(&msg(b'N', b"notice before hand-over")[..]);
-            relay(
-                &mut client_end,
-                &mut upstream_end,
-                &mut pending,
-                std::future::pending(),
-            )
-            .await
-        });
+        let (mut client, mut upstream, task) =
+            spawn_relay(64, &msg(b'N', b"notice before hand-over"));
         let mut expected = msg(b'N', b"notice before hand-over");
         let mut stream = Vec::new();
         for i in 0..200u32 {
@@ -559,18 +545,7 @@ mod tests {
 
     #[tokio::test]
     async fn messages_split_across_writes_are_forwarded_whole() {
-        let (mut client, mut client_end) = duplex(1 << 16);
-        let (mut upstream, mut upstream_end) = duplex(1 << 16);
-        let task = tokio::spawn(async move {
-            let mut pending = BytesMut::new();
-            relay(
-                &mut client_end,
-                &mut upstream_end,
-                &mut pending,
-                std::future::pending(),
-            )
-            .await
-        });
+        let (mut client, mut upstream, task) = spawn_relay(1 << 16, b"");
         let query = msg(b'Q', b"select 42\0");
         for b in &query {
             client.write_all(&[*b]).await.expect("write one byte");
