@@ -182,7 +182,9 @@ async fn report<S: AsyncWrite + Unpin>(stream: &mut S, failure: Failure) {
     match failure {
         Failure::Refuse(e) => {
             metrics::counter!("rlsproxy_client_refusals_total", "reason" => e.kind()).increment(1);
-            warn!(error = %e, kind = e.kind(), "client refused");
+            // Debug-formatted: the message may quote client input (a role
+            // name), and escaping keeps it from forging log lines.
+            warn!(error = ?e.to_string(), kind = e.kind(), "client refused");
             let _ = send_error(stream, &e).await;
         }
         Failure::Silent(e) => debug!(error = %e, "client connection ended"),
@@ -250,7 +252,14 @@ where
         mode: config.claims.mode,
         params: &params.params,
     };
-    let checkout = start_session(ctx.shared, &target, &spec, &settings).await?;
+    let checkout = match start_session(ctx.shared, &target, &spec, &settings).await {
+        Ok(c) => c,
+        Err(Failure::Refuse(e @ ClientError::UpstreamUnavailable(_))) => {
+            ctx.shared.upstream_failed(&e.to_string());
+            return Err(e.into());
+        }
+        Err(f) => return Err(f),
+    };
     ctx.shared.upstream_answered();
     relay_session(stream, ctx.shared, checkout, params).await
 }

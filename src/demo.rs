@@ -29,7 +29,6 @@ const DEMO_ENV: &[(&str, &str)] = &[
     ),
     ("RLSPROXY_ANONYMOUS_PASSWORD", "demo-anonymous-password"),
 ];
-const SUPERUSER_PASSWORD: &str = "demo-superuser-password";
 /// Where `rlsproxy token` looks for the dev issuer key by default.
 pub const DEFAULT_KEY_FILE: &str = ".rlsproxy/dev-issuer.key";
 
@@ -83,6 +82,8 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     let issuer_task = tokio::spawn(issuer.clone().serve(listener));
 
     let listen = config.listen.addr;
+    let config_admin = config.admin.addr;
+    crate::admin::metrics_handle();
     let proxy = Proxy::bind(config)
         .await
         .with_context(|| format!("proxy cannot bind {listen}"))?;
@@ -90,6 +91,11 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     while !proxy.has_keys() && tokio::time::Instant::now() < ready {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let admin_addr = config_admin;
+    let admin = tokio::net::TcpListener::bind(admin_addr)
+        .await
+        .with_context(|| format!("admin endpoint cannot bind {admin_addr}"))?;
+    let admin_task = tokio::spawn(crate::admin::serve(admin, proxy.handle()));
     let proxy_task = tokio::spawn(proxy.run(std::future::pending()));
 
     let audience = DEFAULT_AUDIENCE;
@@ -106,15 +112,15 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     let result = if options.check {
         check_samples(&psql, listen, &users)
     } else {
-        print_instructions(listen, &users);
-        tokio::signal::ctrl_c()
-            .await
-            .context("waiting for Ctrl-C")?;
+        print_instructions(listen, config_admin, &users);
+        // Any way of stopping (Ctrl-C, kill, a closed terminal) cleans up.
+        wait_for_stop().await?;
         println!("\nstopping: removing the demo cluster");
         Ok(())
     };
 
     proxy_task.abort();
+    admin_task.abort();
     issuer_task.abort();
     drop(cluster);
     if created_key_dir {
@@ -177,7 +183,19 @@ fn roles_sql(config: &Config) -> String {
     sql
 }
 
-fn print_instructions(listen: SocketAddr, users: &[(&str, Option<&String>)]) {
+async fn wait_for_stop() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+        _ = hangup.recv() => {}
+    }
+    Ok(())
+}
+
+fn print_instructions(listen: SocketAddr, admin: SocketAddr, users: &[(&str, Option<&String>)]) {
     let (host, port) = (listen.ip(), listen.port());
     println!("\nrlsproxy is listening on {listen}. Each user sees only their own todos:\n");
     for (user, token) in users {
@@ -192,8 +210,13 @@ fn print_instructions(listen: SocketAddr, users: &[(&str, Option<&String>)]) {
             ),
         }
     }
+    let exe =
+        std::env::current_exe().map_or_else(|_| "rlsproxy".into(), |p| p.display().to_string());
+    let key = std::fs::canonicalize(DEFAULT_KEY_FILE)
+        .map_or_else(|_| DEFAULT_KEY_FILE.into(), |p| p.display().to_string());
     println!("  # a token for anyone else (add claims with --claim key=value):");
-    println!("  rlsproxy token --sub carol\n");
+    println!("  {exe} token --key-file {key} --sub carol\n");
+    println!("Metrics and health: http://{admin}/metrics, /healthz, /readyz");
     println!("Press Ctrl-C to stop and remove the demo cluster.");
 }
 
@@ -281,6 +304,8 @@ struct Cluster {
     port: u16,
     /// Server programs run as the `postgres` user when we are root.
     as_postgres: bool,
+    /// The superuser's password.
+    password: String,
 }
 
 impl Cluster {
@@ -292,14 +317,22 @@ impl Cluster {
         let dir = tempfile::Builder::new()
             .prefix("rlsproxy-demo-")
             .tempdir_in("/tmp")?;
+        // A fresh superuser password per run, readable only by the server's
+        // user: other local users must not log in to the demo cluster.
+        let password: String = (0..24)
+            .map(|_| char::from(b'a' + rand::random_range(0..26u8)))
+            .collect();
         let cluster = Cluster {
             dir,
             bin: bin.to_owned(),
             port,
             as_postgres,
+            password,
         };
         let pwfile = cluster.dir.path().join("pwfile");
-        std::fs::write(&pwfile, SUPERUSER_PASSWORD)?;
+        std::fs::write(&pwfile, &cluster.password)?;
+        let private = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600);
+        std::fs::set_permissions(&pwfile, private)?;
         if as_postgres {
             run_command(
                 Command::new("chown")
@@ -376,7 +409,7 @@ impl Cluster {
         );
         let output = Command::new(psql_path(&self.bin))
             .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", &conn])
-            .env("PGPASSWORD", SUPERUSER_PASSWORD)
+            .env("PGPASSWORD", &self.password)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())

@@ -135,6 +135,10 @@ impl ProxyHandle {
         if !state.auth.any_keys() {
             return Err("no issuer has signing keys yet".into());
         }
+        // A reachable server that refuses our logins cannot serve anyone.
+        if let Some(why) = self.shared.upstream_failing() {
+            return Err(format!("the last upstream login failed: {why}"));
+        }
         let fresh = self
             .shared
             .upstream_silence()

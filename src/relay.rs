@@ -33,6 +33,8 @@ pub struct Outcome {
     pub tx_status: u8,
     /// The client has seen only whole messages, so an error may follow.
     pub client_at_boundary: bool,
+    /// The last message from the upstream was an ErrorResponse (its FATAL).
+    pub upstream_said_fatal: bool,
     pub bytes_from_client: u64,
     pub bytes_from_upstream: u64,
 }
@@ -327,6 +329,7 @@ where
     // Extended-protocol messages sent since the last Sync.
     let mut unsynced = false;
     let mut ready_seen: u64 = 0;
+    let mut last_upstream_tag = 0u8;
 
     let taken = std::mem::take(pending);
     let mut malformed_pending = false;
@@ -374,6 +377,7 @@ where
             }
             let mut upstream_message = |tag: u8| {
                 ready_seen += u64::from(tag == b'Z');
+                last_upstream_tag = tag;
                 true
             };
             down.poll_relay(cx, upstream, client, &UPSTREAM_SIDE, &mut upstream_message)
@@ -394,6 +398,7 @@ where
         idle,
         tx_status: down.framer.last_status,
         client_at_boundary: down.framer.remaining == 0 && down.spill_at == down.spill.len(),
+        upstream_said_fatal: last_upstream_tag == b'E',
         bytes_from_client: up.bytes,
         bytes_from_upstream: down.bytes,
     }

@@ -42,7 +42,10 @@ pub fn client_settings(params: &[(String, String)]) -> Result<Vec<(String, Strin
     }
     for (name, _) in &settings {
         let lower = name.to_ascii_lowercase();
-        if FORBIDDEN_PARAMS.contains(&lower.as_str()) || lower.starts_with("pg_session_jwt.") {
+        // `request.jwt.claim.*` is PostgREST's older per-claim form.
+        let claims_setting =
+            lower.starts_with("pg_session_jwt.") || lower.starts_with("request.jwt.");
+        if FORBIDDEN_PARAMS.contains(&lower.as_str()) || claims_setting {
             return Err(ClientError::ForbiddenParameter(format!(
                 "startup parameter \"{name}\" may not be set through this proxy"
             )));
@@ -261,6 +264,7 @@ mod tests {
             ("role", "postgres"),
             ("options", "-c request.jwt.claims={}"),
             ("options", "-c session-authorization=postgres"),
+            ("options", "-c request.jwt.claim.sub=bob"),
         ] {
             let e = client_settings(&pairs(&[bad])).expect_err("refused");
             assert!(

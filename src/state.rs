@@ -68,6 +68,8 @@ pub struct Shared {
     clients: AtomicUsize,
     /// Unix seconds of the last time the upstream answered.
     upstream_ok_at: AtomicU64,
+    /// The last upstream failure (unix seconds, reason), for readiness.
+    upstream_failure: std::sync::Mutex<Option<(u64, String)>>,
 }
 
 impl Shared {
@@ -80,6 +82,7 @@ impl Shared {
             tracker: TaskTracker::new(),
             clients: AtomicUsize::new(0),
             upstream_ok_at: AtomicU64::new(0),
+            upstream_failure: std::sync::Mutex::new(None),
         }
     }
 
@@ -109,6 +112,25 @@ impl Shared {
     /// Records that the upstream answered just now.
     pub fn upstream_answered(&self) {
         self.upstream_ok_at.store(unix_now(), Ordering::Release);
+    }
+
+    /// Records that logging in upstream failed (refused login, unreachable).
+    pub fn upstream_failed(&self, why: &str) {
+        let mut failure = self
+            .upstream_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *failure = Some((unix_now(), why.to_owned()));
+    }
+
+    /// The last upstream failure, if it is more recent than the last success.
+    pub fn upstream_failing(&self) -> Option<String> {
+        let failure = self
+            .upstream_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let (at, why) = failure.as_ref()?;
+        (*at >= self.upstream_ok_at.load(Ordering::Acquire)).then(|| why.clone())
     }
 
     /// Seconds since the upstream last answered (`None`: never).

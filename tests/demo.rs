@@ -5,26 +5,27 @@ mod common;
 
 use std::process::Command;
 
-#[test]
-fn demo_check_runs_the_quickstart_end_to_end() {
+/// The example config on free ports (so a developer's own services on
+/// 6432/55432/9930/9931 do not collide); returns (dir, config path, pg port).
+fn example_config() -> (tempfile::TempDir, std::path::PathBuf, u16) {
     let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.toml"))
         .expect("example config");
-    // Free ports instead of the example's fixed ones, so a developer's own
-    // services on 6432/55432/9931 do not collide with the test.
+    let pg_port = common::free_port();
+    let free = || format!("127.0.0.1:{}", common::free_port());
     let config = example
-        .replace(
-            "127.0.0.1:6432",
-            &format!("127.0.0.1:{}", common::free_port()),
-        )
-        .replace("port = 55432", &format!("port = {}", common::free_port()))
-        .replace(
-            "127.0.0.1:9931",
-            &format!("127.0.0.1:{}", common::free_port()),
-        );
+        .replace("127.0.0.1:6432", &free())
+        .replace("port = 55432", &format!("port = {pg_port}"))
+        .replace("127.0.0.1:9930", &free())
+        .replace("127.0.0.1:9931", &free());
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("proxy.toml");
     std::fs::write(&path, config).expect("write config");
+    (dir, path, pg_port)
+}
 
+#[test]
+fn demo_check_runs_the_quickstart_end_to_end() {
+    let (dir, path, _) = example_config();
     let output = Command::new(env!("CARGO_BIN_EXE_rlsproxy"))
         .args(["demo", "--check", "--config"])
         .arg(&path)
@@ -47,5 +48,53 @@ fn demo_check_runs_the_quickstart_end_to_end() {
     assert!(
         !dir.path().join(".rlsproxy").exists(),
         "the demo removes the key it created"
+    );
+}
+
+#[test]
+fn sigterm_stops_the_demo_and_removes_its_cluster() {
+    use std::io::BufRead;
+
+    let (dir, path, pg_port) = example_config();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rlsproxy"))
+        .args(["demo", "--config"])
+        .arg(&path)
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run rlsproxy demo");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.expect("line");
+        let ready = line.contains("Press Ctrl-C");
+        seen.push(line);
+        if ready {
+            break;
+        }
+    }
+    assert!(seen.iter().any(|l| l.contains("Press Ctrl-C")), "{seen:?}");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", pg_port)).is_ok(),
+        "cluster is up"
+    );
+
+    let killed = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    assert!(killed.expect("kill").success());
+    let status = child.wait().expect("wait");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(status.success(), "{status:?} {rest:?}");
+    assert!(
+        rest.iter().any(|l| l.contains("removing the demo cluster")),
+        "{rest:?}"
+    );
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", pg_port)).is_err(),
+        "cluster still up"
     );
 }

@@ -269,6 +269,11 @@ pub fn check_claims(
     }
 
     match claims.get("sub") {
+        // An empty subject would make every such token the same user.
+        Some(Value::String(sub)) if sub.is_empty() => Err(TokenError::ClaimType {
+            claim: "sub",
+            expected: "a non-empty string",
+        }),
         Some(Value::String(_)) => Ok(()),
         Some(_) => Err(TokenError::ClaimType {
             claim: "sub",
@@ -399,6 +404,7 @@ mod tests {
             (json!({"aud": null}), "no \"aud\" claim"),
             (json!({"sub": 7}), "\"sub\" must be a string"),
             (json!({"sub": null}), "\"sub\" must be a string"),
+            (json!({"sub": ""}), "\"sub\" must be a non-empty string"),
         ];
         for (patch, expected) in cases {
             let mut c = claims(good());
