@@ -110,7 +110,11 @@ INI
 printf '"postgres" "%s"\n' "$PW" >"$WORK/userlist.txt"
 chmod 644 "$WORK/pgbouncer.ini" "$WORK/userlist.txt"
 [ "$(id -u)" -eq 0 ] && chown postgres "$WORK/bouncer"
-as_pg pgbouncer "$WORK/pgbouncer.ini" >/dev/null 2>&1 &
+# runuser's PAM session resets the descriptor limit: raise it again inside.
+start_bouncer() {
+    as_pg bash -c 'ulimit -n "$(ulimit -Hn)"; exec pgbouncer "$1"' _ "$WORK/pgbouncer.ini" >/dev/null 2>&1 &
+}
+start_bouncer
 PIDS+=($!)
 wait_port "$BOUNCER_PORT" || { cat "$WORK/bouncer/pgbouncer.log" >&2; exit 1; }
 
@@ -171,13 +175,13 @@ idle_memory() {
     local name=$1 pid=$2 port=$3 user=$4 pass=$5 before after
     before=$(rss_kib "$pid")
     coproc HOLD { "$IDLE" 127.0.0.1 "$port" "$user" "$pass" postgres "$IDLE_CLIENTS"; }
-    local ready
-    read -r ready <&"${HOLD[0]}" || true
+    local ready=""
+    read -t 180 -r ready <&"${HOLD[0]}" || ready="timed out"
     sleep 1
     after=$(rss_kib "$pid")
     # Closing the holder's stdin lets it exit and drop its connections.
     [ -n "${HOLD[1]:-}" ] && eval "exec ${HOLD[1]}>&-"
-    wait "$HOLD_PID" 2>/dev/null || true
+    wait "${HOLD_PID:-}" 2>/dev/null || true
     awk -v n="$name" -v b="$before" -v a="$after" -v c="$IDLE_CLIENTS" -v r="$ready" 'BEGIN {
         printf "| %s | %s | %d KiB | %d KiB | %.1f KiB |\n", n, r, b, a, (a-b)/c
     }'
@@ -195,10 +199,14 @@ idle_memory rlsproxy "$PROXY_PID" "$PROXY_PORT" authenticated "$TOKEN"
 # Free the proxy's pooled server connections for PgBouncer's turn.
 kill "$PROXY_PID"
 wait "$PROXY_PID" 2>/dev/null || true
-sed -i "s/^default_pool_size = .*/default_pool_size = $((IDLE_CLIENTS + 10))/" "$WORK/pgbouncer.ini"
-BOUNCER_PID=$(cat "$WORK/bouncer/pgbouncer.pid")
-kill -HUP "$BOUNCER_PID"
+# PgBouncer applies a new pool size only to new pools: restart it.
+kill "$(cat "$WORK/bouncer/pgbouncer.pid")"
 sleep 1
+sed -i "s/^default_pool_size = .*/default_pool_size = $((IDLE_CLIENTS + 10))/" "$WORK/pgbouncer.ini"
+start_bouncer
+PIDS+=($!)
+wait_port "$BOUNCER_PORT"
+BOUNCER_PID=$(cat "$WORK/bouncer/pgbouncer.pid")
 idle_memory pgbouncer "$BOUNCER_PID" "$BOUNCER_PORT" postgres "$PW"
 
 echo
