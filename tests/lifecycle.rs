@@ -408,3 +408,50 @@ async fn bytes_stuffed_after_sslrequest_are_refused_with_tls() {
         "{text:?}"
     );
 }
+
+#[tokio::test]
+async fn readyz_turns_unready_when_the_upstream_refuses_the_proxys_login() {
+    let env = Env::start().await;
+    // The same cluster, but the proxy holds a wrong password for the role.
+    let text = common::config_text(&env.pg, &env.jwks, "127.0.0.1:0", &Options::default());
+    let config = rlsproxy::config::Config::parse(&text, &|var| {
+        (var == "AUTH_PW").then(|| "not-the-password".to_owned())
+    })
+    .expect("config");
+    let proxy = rlsproxy::listener::Proxy::bind(config).await.expect("bind");
+    let (port, handle) = (proxy.local_addr().port(), proxy.handle());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !proxy.has_keys() {
+        assert!(Instant::now() < deadline, "no keys");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::spawn(proxy.run(std::future::pending()));
+    assert_eq!(
+        handle.ready().await,
+        Ok(()),
+        "ready before any login failed"
+    );
+
+    let mut c = tokio_postgres::Config::new();
+    let token = env.token(&env.es, "alice");
+    c.host("127.0.0.1")
+        .port(port)
+        .user("authenticated")
+        .dbname("postgres")
+        .password(&token);
+    let err = common::connect(&c)
+        .await
+        .expect_err("login refused upstream");
+    assert_eq!(
+        err.as_db_error().map(|e| e.code().code()),
+        Some("08006"),
+        "{}",
+        describe(&err)
+    );
+
+    let why = handle
+        .ready()
+        .await
+        .expect_err("unready after a failed login");
+    assert!(why.contains("the last upstream login failed"), "{why}");
+}
