@@ -69,13 +69,7 @@ impl Env {
     }
 
     async fn connect(&self, role: &str, token: &str) -> Result<Client, tokio_postgres::Error> {
-        let mut c = tokio_postgres::Config::new();
-        c.host("127.0.0.1")
-            .port(self.port)
-            .user(role)
-            .dbname(common::DATABASE)
-            .password(token);
-        common::connect(&c).await
+        common::connect(&common::client_config(self.port, role, Some(token))).await
     }
 }
 

@@ -317,15 +317,7 @@ async fn upstream_tls_verify_full_and_a_wrong_ca_is_refused() {
     tokio::spawn(proxy.run(std::future::pending()));
 
     let token = env.token(&env.ed, "alice");
-    let at = |port: u16| {
-        let mut c = tokio_postgres::Config::new();
-        c.host("127.0.0.1")
-            .port(port)
-            .user("authenticated")
-            .dbname("postgres")
-            .password(&token);
-        c
-    };
+    let at = |port: u16| common::client_config(port, "authenticated", Some(&token));
     let client = common::connect(&at(port))
         .await
         .unwrap_or_else(|e| panic!("{}", describe(&e)));
@@ -432,13 +424,8 @@ async fn readyz_turns_unready_when_the_upstream_refuses_the_proxys_login() {
         "ready before any login failed"
     );
 
-    let mut c = tokio_postgres::Config::new();
     let token = env.token(&env.es, "alice");
-    c.host("127.0.0.1")
-        .port(port)
-        .user("authenticated")
-        .dbname("postgres")
-        .password(&token);
+    let c = common::client_config(port, "authenticated", Some(&token));
     let err = common::connect(&c)
         .await
         .expect_err("login refused upstream");

@@ -43,13 +43,12 @@ impl Stack {
     }
 
     async fn connect(&self, token: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-        let mut c = tokio_postgres::Config::new();
-        c.host("127.0.0.1")
-            .port(self.port)
-            .user("authenticated")
-            .dbname("postgres")
-            .password(token);
-        common::connect(&c).await
+        common::connect(&common::client_config(
+            self.port,
+            "authenticated",
+            Some(token),
+        ))
+        .await
     }
 
     fn token(&self, sub: &str) -> String {

@@ -100,15 +100,7 @@ impl Env {
     }
 
     pub fn config(&self, role: &str, password: Option<&str>) -> tokio_postgres::Config {
-        let mut c = tokio_postgres::Config::new();
-        c.host("127.0.0.1")
-            .port(self.proxy_port)
-            .user(role)
-            .dbname(super::DATABASE);
-        if let Some(p) = password {
-            c.password(p);
-        }
-        c
+        super::client_config(self.proxy_port, role, password)
     }
 
     pub async fn connect(

@@ -46,6 +46,17 @@ pub fn claims(sub: &str, iss: &str, aud: &str) -> Value {
     json!({ "sub": sub, "iss": iss, "aud": aud, "iat": now, "exp": now + 600 })
 }
 
+/// A tokio-postgres config for `role` at a proxy on 127.0.0.1:`port`.
+pub fn client_config(port: u16, role: &str, password: Option<&str>) -> tokio_postgres::Config {
+    let mut c = tokio_postgres::Config::new();
+    c.host("127.0.0.1").port(port).user(role).dbname(DATABASE);
+    c.connect_timeout(std::time::Duration::from_secs(10));
+    if let Some(p) = password {
+        c.password(p);
+    }
+    c
+}
+
 /// A port that was free a moment ago on 127.0.0.1. Another process may take
 /// it before the caller binds it; callers that can, retry.
 pub fn free_port() -> u16 {

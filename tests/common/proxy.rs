@@ -100,16 +100,7 @@ impl TestProxy {
 
     /// A tokio-postgres config for `role` through the proxy.
     pub fn config(&self, role: &str, password: Option<&str>) -> tokio_postgres::Config {
-        let mut c = tokio_postgres::Config::new();
-        c.host("127.0.0.1")
-            .port(self.port)
-            .user(role)
-            .dbname(DATABASE);
-        c.connect_timeout(Duration::from_secs(10));
-        if let Some(p) = password {
-            c.password(p);
-        }
-        c
+        super::client_config(self.port, role, password)
     }
 
     pub async fn connect(
