@@ -222,53 +222,76 @@ BEGIN
 END
 $fn$;
 
--- The readers need no privilege, so they run as the caller; search_path is
--- still pinned so a caller's schemas cannot change what they resolve to.
+-- The readers need no privilege, so they run as the caller. They sit in
+-- row-level-security policies and run once per row, so they are kept as
+-- cheap as plpgsql allows: no SET clause (a per-call GUC save and restore)
+-- and no EXCEPTION block (a subtransaction per call). Instead every name is
+-- schema-qualified, so a caller's search_path cannot change what they
+-- resolve to. The real extension answers these from backend memory.
+-- Text that is not JSON in the settings raises invalid_text_representation:
+-- jwt_session_init only writes JSON it has parsed.
 CREATE OR REPLACE FUNCTION auth.session() RETURNS jsonb
 LANGUAGE plpgsql STABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     raw text;
 BEGIN
-    IF nullif(current_setting('pg_session_jwt.jwk', true), '') IS NOT NULL THEN
-        raw := nullif(current_setting('pg_session_jwt.session', true), '');
+    IF NULLIF(pg_catalog.current_setting('pg_session_jwt.jwk', true), '') IS NOT NULL THEN
+        raw := NULLIF(pg_catalog.current_setting('pg_session_jwt.session', true), '');
     ELSE
         -- No jwk: the PostgREST convention, spoofable by any client that can
         -- run SET, exactly as with the real extension.
-        raw := nullif(current_setting('request.jwt.claims', true), '');
+        raw := NULLIF(pg_catalog.current_setting('request.jwt.claims', true), '');
     END IF;
 
-    -- JSON null, not SQL NULL, when there is no (valid) session.
-    RETURN coalesce(raw::jsonb, 'null'::jsonb);
-EXCEPTION WHEN invalid_text_representation THEN
-    RETURN 'null'::jsonb;
+    -- JSON null, not SQL NULL, when there is no session.
+    RETURN COALESCE(raw::pg_catalog.jsonb, 'null'::pg_catalog.jsonb);
 END
 $fn$;
 
 CREATE OR REPLACE FUNCTION auth.jwt() RETURNS jsonb
-LANGUAGE sql STABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
-AS $fn$ SELECT auth.session() $fn$;
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+AS $fn$
+BEGIN
+    RETURN auth.session();
+END
+$fn$;
 
 -- The sub when it is a string, else NULL.
 CREATE OR REPLACE FUNCTION auth.user_id() RETURNS text
-LANGUAGE sql STABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql STABLE PARALLEL SAFE
 AS $fn$
-    SELECT CASE WHEN jsonb_typeof(s->'sub') = 'string' THEN s->>'sub' END
-    FROM auth.session() AS s
+DECLARE
+    sub pg_catalog.jsonb := auth.session() OPERATOR(pg_catalog.->) 'sub';
+BEGIN
+    IF pg_catalog.jsonb_typeof(sub) OPERATOR(pg_catalog.=) 'string' THEN
+        RETURN sub OPERATOR(pg_catalog.#>>) '{}';
+    END IF;
+    RETURN NULL;
+END
 $fn$;
 
 -- The sub as a uuid, NULL when it is not one.
 CREATE OR REPLACE FUNCTION auth.uid() RETURNS uuid
 LANGUAGE plpgsql STABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
 AS $fn$
+DECLARE
+    sub text := auth.user_id();
 BEGIN
-    RETURN auth.user_id()::uuid;
-EXCEPTION WHEN invalid_text_representation THEN
-    RETURN NULL;
+    IF sub IS NULL THEN
+        RETURN NULL;
+    END IF;
+    -- The usual spelling skips the subtransaction of the EXCEPTION block.
+    IF sub OPERATOR(pg_catalog.~*)
+        '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+    THEN
+        RETURN sub::pg_catalog.uuid;
+    END IF;
+    BEGIN
+        RETURN sub::pg_catalog.uuid;
+    EXCEPTION WHEN invalid_text_representation THEN
+        RETURN NULL;
+    END;
 END
 $fn$;
 
