@@ -2,6 +2,7 @@
 //! proxy watches message boundaries only, to stop at the client's Terminate
 //! and to know whether the upstream ended idle (so it can be reused).
 
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -220,13 +221,15 @@ impl Direction {
                 return Poll::Ready(end);
             }
 
-            let mut stack = [0u8; READ_BYTES];
-            stack[..self.carry_len].copy_from_slice(&self.carry[..self.carry_len]);
-            let mut read = ReadBuf::new(&mut stack[self.carry_len..]);
+            // Left uninitialised: zeroing 16 KiB on every wake-up showed in
+            // profiles, and the reader only exposes what it filled.
+            let mut stack = [MaybeUninit::<u8>::uninit(); READ_BYTES];
+            let mut read = ReadBuf::uninit(&mut stack);
+            read.put_slice(&self.carry[..self.carry_len]);
             match Pin::new(&mut *src).poll_read(cx, &mut read) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(_)) => return Poll::Ready(ends.read_error),
-                Poll::Ready(Ok(())) if read.filled().is_empty() => {
+                Poll::Ready(Ok(())) if read.filled().len() == self.carry_len => {
                     // EOF inside a message header is a broken stream.
                     let end = if self.carry_len == 0 {
                         ends.read_eof
@@ -237,8 +240,8 @@ impl Direction {
                 }
                 Poll::Ready(Ok(())) => {}
             }
-            let data_len = self.carry_len + read.filled().len();
-            let data = &stack[..data_len];
+            let data = read.filled();
+            let data_len = data.len();
 
             let mut stopped = false;
             let scanned = self.framer.scan(data, |tag| {

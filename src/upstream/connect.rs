@@ -21,6 +21,8 @@ use crate::wire::{self, ErrorFields, Reader, WireError};
 
 /// Largest message accepted from the upstream during login and session set-up.
 const MAX_SETUP_MESSAGE_BYTES: usize = 1 << 20;
+/// Read size while the proxy itself talks to the server (login, set-up, reset).
+const SETUP_READ_BYTES: usize = 2048;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -290,6 +292,9 @@ impl UpstreamConn {
             if let Some(m) = wire::split_typed(&mut self.buf, MAX_SETUP_MESSAGE_BYTES)? {
                 return Ok(m);
             }
+            // Room for a whole set-up reply in one read (it comes in one
+            // segment), not just what an empty buffer happens to hold.
+            self.buf.reserve(SETUP_READ_BYTES);
             let n = self
                 .stream
                 .read_buf(&mut self.buf)
