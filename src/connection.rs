@@ -16,6 +16,7 @@ use crate::auth::verify::TokenError;
 use crate::auth::{Authenticator, VerifiedToken};
 use crate::cancel::BackendKey;
 use crate::error::ClientError;
+use crate::prefetch::Prefetched;
 use crate::relay::{self, End};
 use crate::session::{self, SessionSpec};
 use crate::startup::{self, Encryption, Startup, StartupError, StartupParams};
@@ -98,7 +99,8 @@ pub async fn handle(
 }
 
 /// The plaintext start: answers SSLRequest, upgrades to TLS if asked.
-async fn accept(mut tcp: TcpStream, ctx: Ctx<'_>) {
+async fn accept(tcp: TcpStream, ctx: Ctx<'_>) {
+    let mut tcp = Prefetched::new(tcp);
     let encryption = if ctx.state.tls.is_some() {
         Encryption::Offered
     } else {
@@ -113,7 +115,7 @@ async fn accept(mut tcp: TcpStream, ctx: Ctx<'_>) {
             // Bytes already waiting were sent before our answer, in clear
             // text: taking them as part of the TLS session would let an
             // attacker inject them (CVE-2021-3935 in PgBouncer).
-            if has_unread_bytes(&tcp) {
+            if tcp.has_buffered() || has_unread_bytes(tcp.get_ref()) {
                 let e = ClientError::Protocol("received unencrypted data after SSLRequest".into());
                 report(&mut tcp, Failure::Refuse(e)).await;
                 return;
@@ -126,12 +128,12 @@ async fn accept(mut tcp: TcpStream, ctx: Ctx<'_>) {
             }
             // A failed handshake is closed silently: there is no channel
             // left to speak to the client on.
-            let tls = match timeout_at(ctx.deadline, acceptor.accept(tcp)).await {
+            let tls = match timeout_at(ctx.deadline, acceptor.accept(tcp.into_inner())).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => return debug!(error = %e, "TLS handshake failed"),
                 Err(_) => return debug!("TLS handshake timed out"),
             };
-            let mut tls = tls;
+            let mut tls = Prefetched::new(tls);
             match timeout_at(
                 ctx.deadline,
                 startup::negotiate(&mut tls, Encryption::Established),

@@ -6,6 +6,7 @@
 //!
 //! 1. [`listener`] accepts it and spawns [`connection::handle`].
 //! 2. [`startup`] answers SSLRequest/GSSENCRequest, reads the StartupMessage
+//!    (through [`prefetch`], one `recv` per packet)
 //!    or a CancelRequest (handed to [`cancel`]).
 //! 3. [`auth`] verifies the token against the issuer's cached JWKS.
 //! 4. [`upstream`] lends a connection logged in as the role itself.
@@ -24,6 +25,7 @@ pub mod demo;
 pub mod devissuer;
 pub mod error;
 pub mod listener;
+pub mod prefetch;
 pub mod relay;
 pub mod session;
 pub mod startup;
