@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
-# Side-by-side benchmark: direct Postgres, rlsproxy (a JWT verified on every
-# connection) and PgBouncer (session mode), same machine, same server, same
-# run, interleaved A B C per round. Prints median TPS and ratios per
-# scenario, then memory per idle client. Loopback only; every run bounded.
+# Side-by-side benchmark, same machine, same server, same run, interleaved
+# per round:
+#   direct      Postgres as the superuser, no row-level security: the limit;
+#   direct-rls  Postgres as a role with the session claims preset, so every
+#               query runs the same RLS policy rlsproxy's sessions run;
+#   rlsproxy    a JWT verified on every connection, claims set per session;
+#   pgbouncer   session mode, the same role and policy as direct-rls.
+# Prints median TPS and ratios per scenario, then memory per idle client.
+# Loopback only; every run bounded.
 #
-#   scripts/bench.sh                 # 3 rounds of 8 s per run
+#   scripts/bench.sh                 # 3 rounds of 5 s per run
 #   ROUNDS=5 SECONDS_PER_RUN=15 scripts/bench.sh
 #   IDLE_CLIENTS=1000 scripts/bench.sh
+#   BENCH_HOLD=1 scripts/bench.sh    # set up, print the pgbench commands, wait
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
 ROUNDS=${ROUNDS:-3}
-T=${SECONDS_PER_RUN:-8}
+T=${SECONDS_PER_RUN:-5}
 SCALE=${SCALE:-10}
 POOL=${POOL:-8}
 IDLE_CLIENTS=${IDLE_CLIENTS:-1000}
@@ -55,6 +61,12 @@ GRANT INSERT ON pgbench_history TO authenticated;
 ALTER TABLE pgbench_accounts ENABLE ROW LEVEL SECURITY;
 CREATE POLICY signed_in ON pgbench_accounts FOR ALL TO authenticated
     USING (auth.user_id() IS NOT NULL) WITH CHECK (auth.user_id() IS NOT NULL);
+-- direct-rls and pgbouncer: a login whose sessions start as authenticated
+-- with fixed claims, so the server runs the same policy without a proxy.
+CREATE ROLE bench_rls LOGIN PASSWORD '$PW' IN ROLE authenticated;
+ALTER ROLE bench_rls SET role = 'authenticated';
+ALTER ROLE bench_rls SET pg_session_jwt.jwk = 'standin';
+ALTER ROLE bench_rls SET pg_session_jwt.session = '{"sub":"bench-user"}';
 SQL
 
 # Development issuer and the token every rlsproxy connection presents.
@@ -107,7 +119,7 @@ max_client_conn = $((IDLE_CLIENTS + 100))
 logfile = $WORK/bouncer/pgbouncer.log
 pidfile = $WORK/bouncer/pgbouncer.pid
 INI
-printf '"postgres" "%s"\n' "$PW" >"$WORK/userlist.txt"
+printf '"%s" "%s"\n' postgres "$PW" bench_rls "$PW" >"$WORK/userlist.txt"
 chmod 644 "$WORK/pgbouncer.ini" "$WORK/userlist.txt"
 [ "$(id -u)" -eq 0 ] && chown postgres "$WORK/bouncer"
 # runuser's PAM session resets the descriptor limit: raise it again inside.
@@ -119,10 +131,10 @@ PIDS+=($!)
 wait_port "$BOUNCER_PORT" || { cat "$WORK/bouncer/pgbouncer.log" >&2; exit 1; }
 
 # target → connection flags and password
-declare -A PORT=([direct]=$PG_PORT [rlsproxy]=$PROXY_PORT [pgbouncer]=$BOUNCER_PORT)
-declare -A USER=([direct]=postgres [rlsproxy]=authenticated [pgbouncer]=postgres)
-declare -A PASS=([direct]=$PW [rlsproxy]=$TOKEN [pgbouncer]=$PW)
-TARGETS=(direct rlsproxy pgbouncer)
+declare -A PORT=([direct]=$PG_PORT [direct-rls]=$PG_PORT [rlsproxy]=$PROXY_PORT [pgbouncer]=$BOUNCER_PORT)
+declare -A USER=([direct]=postgres [direct-rls]=bench_rls [rlsproxy]=authenticated [pgbouncer]=bench_rls)
+declare -A PASS=([direct]=$PW [direct-rls]=$PW [rlsproxy]=$TOKEN [pgbouncer]=$PW)
+TARGETS=(direct direct-rls rlsproxy pgbouncer)
 SCENARIOS=(
     "-S -c 1"
     "-S -c 8 -j 2"
@@ -144,6 +156,16 @@ run_one() {
     sed -nE 's/^tps = ([0-9.]+) .*/\1/p' <<<"$out" | head -n 1
 }
 
+if [ -n "${BENCH_HOLD:-}" ]; then
+    # Keep the three targets up for manual runs (profiling); Ctrl-C cleans up.
+    for target in "${TARGETS[@]}"; do
+        echo "$target: PGPASSWORD='${PASS[$target]}' pgbench -n -h 127.0.0.1 -p ${PORT[$target]} -U ${USER[$target]} postgres" >&2
+    done
+    echo "rlsproxy pid $PROXY_PID" >&2
+    sleep infinity &
+    wait $!
+fi
+
 declare -A RESULTS
 echo "rlsproxy bench: $ROUNDS rounds x $T s, scale $SCALE, pool $POOL, $(nproc) cores" >&2
 for round in $(seq 1 "$ROUNDS"); do
@@ -151,7 +173,7 @@ for round in $(seq 1 "$ROUNDS"); do
         for target in "${TARGETS[@]}"; do
             tps=$(run_one "$target" "$scenario")
             RESULTS["$scenario|$target"]+="$tps "
-            printf 'round %d  %-26s %-10s %10.1f tps\n' "$round" "$scenario" "$target" "$tps" >&2
+            printf 'round %d  %-26s %-11s %10.1f tps\n' "$round" "$scenario" "$target" "$tps" >&2
         done
     done
 done
@@ -159,15 +181,19 @@ done
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
 echo
-echo "| scenario | direct TPS | rlsproxy TPS | PgBouncer TPS | rlsproxy / direct | PgBouncer / direct | rlsproxy / PgBouncer |"
-echo "|---|---:|---:|---:|---:|---:|---:|"
+echo "| scenario | direct | direct-rls | rlsproxy | PgBouncer | rlsproxy / direct | rlsproxy / direct-rls | PgBouncer / direct-rls | rlsproxy / PgBouncer |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
 for scenario in "${SCENARIOS[@]}"; do
     d=$(median <<<"${RESULTS["$scenario|direct"]}")
+    p=$(median <<<"${RESULTS["$scenario|direct-rls"]}")
     r=$(median <<<"${RESULTS["$scenario|rlsproxy"]}")
     b=$(median <<<"${RESULTS["$scenario|pgbouncer"]}")
-    awk -v s="$scenario" -v d="$d" -v r="$r" -v b="$b" 'BEGIN {
-        printf "| `pgbench %s` | %.0f | %.0f | %.0f | %.2fx | %.2fx | %.2fx |\n", s, d, r, b, r/d, b/d, (b > 0 ? r/b : 0)
-    }'
+    awk -v s="$scenario" -v d="$d" -v p="$p" -v r="$r" -v b="$b" '
+        function ratio(x, y) { return y > 0 ? x / y : 0 }
+        BEGIN {
+            printf "| `pgbench %s` | %.0f | %.0f | %.0f | %.0f | %.2fx | %.2fx | %.2fx | %.2fx |\n",
+                s, d, p, r, b, ratio(r, d), ratio(r, p), ratio(b, p), ratio(r, b)
+        }'
 done
 
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
@@ -207,7 +233,7 @@ start_bouncer
 PIDS+=($!)
 wait_port "$BOUNCER_PORT"
 BOUNCER_PID=$(cat "$WORK/bouncer/pgbouncer.pid")
-idle_memory pgbouncer "$BOUNCER_PID" "$BOUNCER_PORT" postgres "$PW"
+idle_memory pgbouncer "$BOUNCER_PID" "$BOUNCER_PORT" bench_rls "$PW"
 
 echo
 echo "PostgreSQL $(psql -At -c 'SHOW server_version'), $(pgbouncer --version 2>&1 | head -n 1), $(nproc) cores, $(free -g | awk '/^Mem/ {print $2}') GiB"
