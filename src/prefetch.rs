@@ -104,37 +104,39 @@ mod tests {
     async fn small_reads_come_from_one_read_ahead_and_large_ones_bypass_it() {
         let (mut far, near) = duplex(64 * 1024);
         let mut p = Prefetched::new(near);
-        far.write_all(b"\0\0\0\x08abcdREST").await.unwrap();
-        assert_eq!(p.read_i32().await.unwrap(), 8);
+        far.write_all(b"\0\0\0\x08abcdREST")
+            .await
+            .expect("duplex i/o");
+        assert_eq!(p.read_i32().await.expect("duplex i/o"), 8);
         // The whole write was taken at once: the rest waits in the buffer.
         assert!(p.has_buffered());
         let mut body = [0u8; 4];
-        p.read_exact(&mut body).await.unwrap();
+        p.read_exact(&mut body).await.expect("duplex i/o");
         assert_eq!(&body, b"abcd");
         let mut big = vec![0u8; READ_AHEAD_BYTES * 2];
-        let n = p.read(&mut big).await.unwrap();
+        let n = p.read(&mut big).await.expect("duplex i/o");
         assert_eq!(&big[..n], b"REST");
         assert!(!p.has_buffered());
         assert_eq!(p.ahead.capacity(), 0, "an empty read-ahead is freed");
 
         far.write_all(&vec![7u8; READ_AHEAD_BYTES * 2])
             .await
-            .unwrap();
-        let n = p.read(&mut big).await.unwrap();
+            .expect("duplex i/o");
+        let n = p.read(&mut big).await.expect("duplex i/o");
         assert_eq!(n, READ_AHEAD_BYTES * 2);
         assert_eq!(p.ahead.capacity(), 0, "a large read never fills the buffer");
 
         drop(far);
-        assert_eq!(p.read(&mut body).await.unwrap(), 0);
+        assert_eq!(p.read(&mut body).await.expect("duplex i/o"), 0);
     }
 
     #[tokio::test]
     async fn writes_pass_through() {
         let (mut far, near) = duplex(1024);
         let mut p = Prefetched::new(near);
-        p.write_all(b"N").await.unwrap();
+        p.write_all(b"N").await.expect("duplex i/o");
         let mut got = [0u8; 1];
-        far.read_exact(&mut got).await.unwrap();
+        far.read_exact(&mut got).await.expect("duplex i/o");
         assert_eq!(&got, b"N");
     }
 }
