@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 
 use common::{JwksServer, TestKey, claims};
 use rlsproxy::auth::Authenticator;
+use rlsproxy::auth::claims::Claims;
 use rlsproxy::auth::keys::{KeySet, aws_algorithm};
 use rlsproxy::auth::verify;
 use rlsproxy::config::Config;
@@ -123,6 +124,11 @@ fn cached_key(c: &mut Criterion) {
             })
         });
 
+        // Everything but the signature: split, base64, JSON, header checks.
+        c.bench_function(&format!("parse_only/{name}"), |b| {
+            b.iter(|| black_box(verify::parse(black_box(&token)).expect("parse")))
+        });
+
         // Signature only, through our key set (no claims work).
         c.bench_function(&format!("keyset_signature_only/{name}"), |b| {
             b.iter(|| {
@@ -193,8 +199,7 @@ fn token_cache_hit(c: &mut Criterion) {
 
 fn resign(c: &mut Criterion) {
     let mut key = SessionKey::generate().expect("session key");
-    let claims = token_claims();
-    let claims = claims.as_object().expect("object").clone();
+    let claims = Claims::from_json(token_claims().to_string()).expect("object");
     c.bench_function("resign_eddsa", |b| {
         b.iter(|| black_box(sign_claims(&mut key, black_box(&claims))))
     });

@@ -192,8 +192,9 @@ mod tests {
         assert!(skipped.is_empty());
         let unverified = crate::auth::verify::parse(&token).expect("parse");
         set.verify(&unverified, "dev").expect("signature verifies");
-        assert_eq!(unverified.claims["is_admin"], Value::Bool(true));
-        assert_eq!(unverified.claims["sub"], "alice");
+        let claims: Value = serde_json::from_str(unverified.claims.json()).expect("json");
+        assert_eq!(claims["is_admin"], Value::Bool(true));
+        assert_eq!(claims["sub"], "alice");
     }
 
     #[test]

@@ -33,3 +33,6 @@ pub mod state;
 pub mod tls;
 pub mod upstream;
 pub mod wire;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

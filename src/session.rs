@@ -8,6 +8,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::BytesMut;
 use serde_json::{Map, Value};
 
+use crate::auth::claims::Claims;
 use crate::config::ClaimsMode;
 use crate::error::ClientError;
 use crate::upstream::connect::{SessionKey, UpstreamConn, UpstreamError};
@@ -23,7 +24,7 @@ const FORBIDDEN_PARAMS: &[&str] = &["role", "session_authorization", "request.jw
 pub struct SessionSpec<'a> {
     pub role: &'a str,
     /// Verified claims; `None` for a role that needs no token.
-    pub claims: Option<&'a Map<String, Value>>,
+    pub claims: Option<&'a Claims>,
     pub mode: ClaimsMode,
     /// Client startup parameters other than user and database.
     pub params: &'a [(String, String)],
@@ -94,23 +95,23 @@ fn parse_options(options: &str) -> Result<Vec<(String, String)>, ClientError> {
 }
 
 /// Re-signs `claims` with the connection's key, `jti` set to its next value.
-pub fn resign(conn: &mut UpstreamConn, claims: &Map<String, Value>) -> String {
+pub fn resign(conn: &mut UpstreamConn, claims: &Claims) -> String {
     sign_claims(&mut conn.key, claims)
 }
 
 /// The signing half of [`resign`], apart from any connection (benchmarks).
-pub fn sign_claims(key: &mut SessionKey, claims: &Map<String, Value>) -> String {
+pub fn sign_claims(key: &mut SessionKey, claims: &Claims) -> String {
     key.last_jti += 1;
-    // The payload is written straight from the borrowed claims, with `jti`
-    // first and the token's own `jti` left out: no copy of the map.
-    let mut json = Vec::with_capacity(256);
+    // The payload is the issuer's members, values copied as raw JSON text,
+    // with our `jti` first and the token's own `jti` left out.
+    let mut json = Vec::with_capacity(claims.json().len() + 32);
     json.extend_from_slice(format!("{{\"jti\":{}", key.last_jti).as_bytes());
-    for (name, value) in claims.iter().filter(|(name, _)| *name != "jti") {
+    for (name, value) in claims.members().iter().filter(|(name, _)| name != "jti") {
         json.push(b',');
-        // Serializing a String key and a Value into a Vec cannot fail.
+        // Serializing a str into a Vec cannot fail.
         let _ = serde_json::to_writer(&mut json, name);
         json.push(b':');
-        let _ = serde_json::to_writer(&mut json, value);
+        json.extend_from_slice(value.get().as_bytes());
     }
     json.push(b'}');
 
@@ -155,11 +156,10 @@ pub async fn begin(
         }
         ClaimsMode::Guc => {
             if let Some(claims) = spec.claims {
-                let json = Value::Object(claims.clone()).to_string();
                 wire::extended_query(
                     &mut out,
                     "SELECT pg_catalog.set_config('request.jwt.claims', $1, false)",
-                    &[&json],
+                    &[claims.json()],
                 );
             }
         }
@@ -169,10 +169,10 @@ pub async fn begin(
     conn.read_until_ready().await
 }
 
-fn tokenless_claims(role: &str) -> Map<String, Value> {
+fn tokenless_claims(role: &str) -> Claims {
     let mut claims = Map::new();
     claims.insert("role".to_owned(), Value::from(role));
-    claims
+    Claims::from_map(claims)
 }
 
 /// Returns the connection to a fresh state: rollback if a transaction is
@@ -209,10 +209,10 @@ mod tests {
     #[test]
     fn resigned_claims_carry_an_increasing_jti_and_nothing_else_changes() {
         let mut key = SessionKey::generate().expect("key");
-        let claims: Map<String, Value> = serde_json::from_str(
-            r#"{"sub":"alice","jti":"from-the-issuer","aud":["a","b"],"n":1.5,"s":"q\"uote"}"#,
-        )
-        .expect("claims");
+        let text =
+            r#"{"sub":"alice","jti":"from-the-issuer","aud":["a","b"],"n":1.5,"s":"q\"uote"}"#;
+        let claims = Claims::from_json(text.to_owned()).expect("claims");
+        let original: Map<String, Value> = serde_json::from_str(text).expect("json");
         for expected in 1..=2 {
             let token = sign_claims(&mut key, &claims);
             let parts: Vec<&str> = token.split('.').collect();
@@ -221,7 +221,7 @@ mod tests {
             let payload: Map<String, Value> =
                 serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).expect("b64"))
                     .expect("json");
-            let mut want = claims.clone();
+            let mut want = original.clone();
             want.insert("jti".into(), Value::from(expected));
             assert_eq!(payload, want);
         }

@@ -3,6 +3,7 @@
 //! session runs as under the issuer's rules (allowed roles, anonymous users).
 //! Knows nothing of databases or relaying; a refusal says which check failed.
 
+pub mod claims;
 pub mod jwks;
 pub mod keys;
 pub mod verify;
@@ -10,11 +11,12 @@ pub mod verify;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tracing::debug;
 
 use crate::config::{AnonymousUsers, Config, IssuerConfig, JwksConfig};
+use claims::Claims;
 use jwks::{KeySource, Location};
 use verify::{ClaimsPolicy, TokenError};
 
@@ -24,7 +26,7 @@ const MAX_TOKEN_CACHE_TTL: Duration = Duration::from_secs(3600);
 /// A token that passed every check, and the role its session runs as.
 #[derive(Debug)]
 pub struct VerifiedToken {
-    pub claims: Map<String, Value>,
+    pub claims: Claims,
     pub issuer: String,
     pub kid: Option<String>,
     pub sub: String,
@@ -277,7 +279,7 @@ impl Authenticator {
         })
     }
 
-    fn pick_issuer(&self, claims: &Map<String, Value>) -> Result<usize, TokenError> {
+    fn pick_issuer(&self, claims: &Claims) -> Result<usize, TokenError> {
         match claims.get("iss") {
             Some(Value::String(iss)) => self
                 .issuers

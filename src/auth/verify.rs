@@ -7,7 +7,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::Algorithm;
-use serde_json::{Map, Value};
+use serde_json::Value;
+
+use crate::auth::claims::Claims;
 
 /// Why a token was refused; the message reaches the client as is.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -104,7 +106,7 @@ pub struct Header {
 #[derive(Debug)]
 pub struct UnverifiedToken<'a> {
     pub header: Header,
-    pub claims: Map<String, Value>,
+    pub claims: Claims,
     /// `header.payload`, the bytes the signature covers.
     pub signing_input: &'a str,
     /// The signature bytes, decoded from base64url.
@@ -138,22 +140,22 @@ pub fn parse(token: &str) -> Result<UnverifiedToken<'_>, TokenError> {
     };
     let signing_input = &token[..h.len() + 1 + p.len()];
 
-    let header: Map<String, Value> = decode_json(h, "header")?;
-    if header.contains_key("crit") {
+    let header = decode_header(h)?;
+    if header.crit.is_some() {
         return Err(TokenError::CriticalHeader);
     }
-    let alg = match header.get("alg") {
+    let alg = match header.alg {
         Some(Value::String(alg)) => {
-            allowed_algorithm(alg).ok_or_else(|| TokenError::AlgorithmNotAllowed(alg.clone()))?
+            allowed_algorithm(&alg).ok_or(TokenError::AlgorithmNotAllowed(alg))?
         }
         _ => return Err(TokenError::Malformed("header has no \"alg\" string")),
     };
-    let kid = match header.get("kid") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(kid)) => Some(kid.clone()),
+    let kid = match header.kid {
+        None => None,
+        Some(Value::String(kid)) => Some(kid),
         Some(_) => return Err(TokenError::Malformed("header \"kid\" is not a string")),
     };
-    let claims = decode_json(p, "payload")?;
+    let claims = decode_payload(p)?;
     let signature = match URL_SAFE_NO_PAD.decode(s) {
         Ok(sig) if !sig.is_empty() => sig,
         _ => return Err(TokenError::Malformed("signature is not base64url")),
@@ -166,19 +168,39 @@ pub fn parse(token: &str) -> Result<UnverifiedToken<'_>, TokenError> {
     })
 }
 
-fn decode_json(part: &str, what: &'static str) -> Result<Map<String, Value>, TokenError> {
-    let bytes = URL_SAFE_NO_PAD.decode(part).map_err(|_| {
-        TokenError::Malformed(match what {
-            "header" => "header is not base64url",
-            _ => "payload is not base64url",
-        })
-    })?;
-    serde_json::from_slice(&bytes).map_err(|_| {
-        TokenError::Malformed(match what {
-            "header" => "header is not a JSON object",
-            _ => "payload is not a JSON object",
-        })
-    })
+/// The header fields the proxy reads; every other member is ignored.
+/// Typed rather than a map: the header is decoded on every verification.
+#[derive(serde::Deserialize)]
+struct RawHeader {
+    alg: Option<Value>,
+    kid: Option<Value>,
+    crit: Option<serde::de::IgnoredAny>,
+}
+
+/// Decodes the header, on the stack when it is of the usual size.
+fn decode_header(part: &str) -> Result<RawHeader, TokenError> {
+    const NOT_BASE64: TokenError = TokenError::Malformed("header is not base64url");
+    const NOT_JSON: TokenError = TokenError::Malformed("header is not a JSON object");
+    let mut stack = [0u8; 256];
+    let heap;
+    let bytes = match URL_SAFE_NO_PAD.decode_slice(part, &mut stack) {
+        Ok(n) => &stack[..n],
+        Err(base64::DecodeSliceError::OutputSliceTooSmall) => {
+            heap = URL_SAFE_NO_PAD.decode(part).map_err(|_| NOT_BASE64)?;
+            &heap[..]
+        }
+        Err(_) => return Err(NOT_BASE64),
+    };
+    serde_json::from_slice(bytes).map_err(|_| NOT_JSON)
+}
+
+fn decode_payload(part: &str) -> Result<Claims, TokenError> {
+    const NOT_JSON: TokenError = TokenError::Malformed("payload is not a JSON object");
+    let bytes = URL_SAFE_NO_PAD
+        .decode(part)
+        .map_err(|_| TokenError::Malformed("payload is not base64url"))?;
+    let text = String::from_utf8(bytes).map_err(|_| NOT_JSON)?;
+    Claims::from_json(text).map_err(|_| NOT_JSON)
 }
 
 /// What an issuer requires of a token's claims.
@@ -199,11 +221,7 @@ pub fn now_unix() -> f64 {
 }
 
 /// The time checks alone; they run again on every verified-token cache hit.
-pub fn check_times(
-    claims: &Map<String, Value>,
-    policy: &ClaimsPolicy,
-    now: f64,
-) -> Result<(), TokenError> {
+pub fn check_times(claims: &Claims, policy: &ClaimsPolicy, now: f64) -> Result<(), TokenError> {
     let leeway = policy.leeway.as_secs_f64();
     match numeric_date(claims, "exp")? {
         Some(exp) if now > exp + leeway => return Err(TokenError::Expired(exp)),
@@ -225,11 +243,7 @@ pub fn check_times(
 }
 
 /// Every claims check: times, issuer, audience, subject.
-pub fn check_claims(
-    claims: &Map<String, Value>,
-    policy: &ClaimsPolicy,
-    now: f64,
-) -> Result<(), TokenError> {
+pub fn check_claims(claims: &Claims, policy: &ClaimsPolicy, now: f64) -> Result<(), TokenError> {
     check_times(claims, policy, now)?;
 
     match claims.get("iss") {
@@ -290,7 +304,7 @@ const ANONYMOUS_AUD_SUFFIX: &str = ":anon";
 /// `is_anonymous: true` and an `aud` ending in `:anon` (Stack Auth sets
 /// both). When both are present they must agree, so that a token cannot
 /// pass as a regular user's by carrying only one of them.
-pub fn is_anonymous_user(claims: &Map<String, Value>) -> Result<bool, TokenError> {
+pub fn is_anonymous_user(claims: &Claims) -> Result<bool, TokenError> {
     let flag = match claims.get("is_anonymous") {
         None | Some(Value::Null) => None,
         Some(Value::Bool(b)) => Some(*b),
@@ -327,10 +341,7 @@ pub fn is_anonymous_user(claims: &Map<String, Value>) -> Result<bool, TokenError
 
 /// A NumericDate claim: a JSON number (integer or float). Strings are refused,
 /// not skipped, so a token cannot dodge `exp` by quoting it.
-fn numeric_date(
-    claims: &Map<String, Value>,
-    name: &'static str,
-) -> Result<Option<f64>, TokenError> {
+fn numeric_date(claims: &Claims, name: &'static str) -> Result<Option<f64>, TokenError> {
     match claims.get(name) {
         None => Ok(None),
         Some(Value::Number(n)) => match n.as_f64() {
@@ -362,8 +373,8 @@ mod tests {
         }
     }
 
-    fn claims(v: Value) -> Map<String, Value> {
-        v.as_object().cloned().expect("object")
+    fn claims(v: Value) -> Claims {
+        Claims::from_json(v.to_string()).expect("object")
     }
 
     fn token(header: Value, payload: Value) -> String {
@@ -407,11 +418,11 @@ mod tests {
             (json!({"sub": ""}), "\"sub\" must be a non-empty string"),
         ];
         for (patch, expected) in cases {
-            let mut c = claims(good());
-            for (k, v) in claims(patch) {
-                c.insert(k, v);
+            let mut v = good();
+            for (k, value) in patch.as_object().expect("object") {
+                v[k] = value.clone();
             }
-            let e = check_claims(&c, &policy(), NOW)
+            let e = check_claims(&claims(v), &policy(), NOW)
                 .expect_err(expected)
                 .to_string();
             assert!(e.contains(expected), "{e} should contain {expected}");
@@ -420,27 +431,23 @@ mod tests {
 
     #[test]
     fn missing_exp_and_sub_are_refused() {
-        let mut c = claims(good());
-        c.remove("exp");
-        assert_eq!(
-            check_claims(&c, &policy(), NOW),
-            Err(TokenError::MissingClaim("exp"))
-        );
-        let mut c = claims(good());
-        c.remove("sub");
-        assert_eq!(
-            check_claims(&c, &policy(), NOW),
-            Err(TokenError::MissingClaim("sub"))
-        );
+        for name in ["exp", "sub"] {
+            let mut v = good();
+            v.as_object_mut().expect("object").remove(name);
+            assert_eq!(
+                check_claims(&claims(v), &policy(), NOW),
+                Err(TokenError::MissingClaim(name))
+            );
+        }
     }
 
     #[test]
     fn leeway_and_float_dates_are_accepted() {
-        let mut c = claims(good());
-        c.insert("exp".into(), json!(NOW - 29.5));
-        c.insert("nbf".into(), json!(NOW + 29.0));
-        c.insert("aud".into(), json!(["other", "app"]));
-        check_claims(&c, &policy(), NOW).expect("within leeway");
+        let mut v = good();
+        v["exp"] = json!(NOW - 29.5);
+        v["nbf"] = json!(NOW + 29.0);
+        v["aud"] = json!(["other", "app"]);
+        check_claims(&claims(v), &policy(), NOW).expect("within leeway");
     }
 
     #[test]
@@ -499,7 +506,7 @@ mod tests {
         );
         let sig = URL_SAFE_NO_PAD.encode(&u.signature);
         assert_eq!(format!("{}.{sig}", u.signing_input), t);
-        assert_eq!(u.claims["sub"], "alice");
+        assert_eq!(u.claims.get("sub"), Some(&Value::from("alice")));
     }
 
     #[test]
