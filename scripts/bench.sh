@@ -12,6 +12,7 @@
 #   scripts/bench.sh                 # 3 rounds of 5 s per run
 #   ROUNDS=5 SECONDS_PER_RUN=15 scripts/bench.sh
 #   IDLE_CLIENTS=1000 scripts/bench.sh
+#   ROUNDS=0 scripts/bench.sh        # memory per idle client only
 #   BENCH_HOLD=1 scripts/bench.sh    # set up, print the pgbench commands, wait
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -180,6 +181,7 @@ done
 
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
+[ "$ROUNDS" -gt 0 ] && {
 echo
 echo "| scenario | direct | direct-rls | rlsproxy | PgBouncer | rlsproxy / direct | rlsproxy / direct-rls | PgBouncer / direct-rls | rlsproxy / PgBouncer |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
@@ -195,6 +197,7 @@ for scenario in "${SCENARIOS[@]}"; do
                 s, d, p, r, b, ratio(r, d), ratio(r, p), ratio(b, p), ratio(r, b)
         }'
 done
+}
 
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 idle_memory() {

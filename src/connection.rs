@@ -126,28 +126,9 @@ async fn accept(tcp: TcpStream, ctx: Ctx<'_>) {
             if tcp.write_all(b"S").await.is_err() {
                 return;
             }
-            // A failed handshake is closed silently: there is no channel
-            // left to speak to the client on.
-            let tls = match timeout_at(ctx.deadline, acceptor.accept(tcp.into_inner())).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => return debug!(error = %e, "TLS handshake failed"),
-                Err(_) => return debug!("TLS handshake timed out"),
-            };
-            let mut tls = Prefetched::new(tls);
-            match timeout_at(
-                ctx.deadline,
-                startup::negotiate(&mut tls, Encryption::Established),
-            )
-            .await
-            {
-                Ok(Ok(Startup::Session(params))) => finish(&mut tls, params, ctx).await,
-                Ok(Ok(Startup::Cancel { pid, secret })) => {
-                    ctx.shared.cancels.cancel(pid, secret).await
-                }
-                Ok(Ok(Startup::TlsRequested)) => {}
-                Ok(Err(e)) => report(&mut tls, e.into()).await,
-                Err(_) => debug!("client did not finish start-up in time"),
-            }
+            // Boxed: the handshake and TLS state would otherwise size the
+            // future of every connection, plaintext ones included.
+            Box::pin(accept_tls(tcp.into_inner(), acceptor, ctx)).await;
         }
         Ok(Startup::Session(params)) => {
             if ctx.state.config.tls_required() {
@@ -160,6 +141,29 @@ async fn accept(tcp: TcpStream, ctx: Ctx<'_>) {
         }
         Ok(Startup::Cancel { pid, secret }) => ctx.shared.cancels.cancel(pid, secret).await,
         Err(e) => report(&mut tcp, e.into()).await,
+    }
+}
+
+async fn accept_tls(tcp: TcpStream, acceptor: tokio_rustls::TlsAcceptor, ctx: Ctx<'_>) {
+    // A failed handshake is closed silently: there is no channel left to
+    // speak to the client on.
+    let tls = match timeout_at(ctx.deadline, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return debug!(error = %e, "TLS handshake failed"),
+        Err(_) => return debug!("TLS handshake timed out"),
+    };
+    let mut tls = Prefetched::new(tls);
+    match timeout_at(
+        ctx.deadline,
+        startup::negotiate(&mut tls, Encryption::Established),
+    )
+    .await
+    {
+        Ok(Ok(Startup::Session(params))) => finish(&mut tls, params, ctx).await,
+        Ok(Ok(Startup::Cancel { pid, secret })) => ctx.shared.cancels.cancel(pid, secret).await,
+        Ok(Ok(Startup::TlsRequested)) => {}
+        Ok(Err(e)) => report(&mut tls, e.into()).await,
+        Err(_) => debug!("client did not finish start-up in time"),
     }
 }
 
@@ -218,7 +222,9 @@ where
     let settings = session::client_settings(&params.params)?;
     let token = if role.requires_token {
         let max = config.auth.max_token_bytes;
-        let auth = authenticate(stream, &ctx.state.auth, max, &params.user);
+        // Boxed, like the session set-up below: a state that ends before
+        // the relay should not size the future an idle session keeps.
+        let auth = Box::pin(authenticate(stream, &ctx.state.auth, max, &params.user));
         let verified = timeout_at(ctx.deadline, auth)
             .await
             .map_err(|_| ClientError::StartupTimeout(config.listen.startup_timeout))??;
@@ -254,7 +260,7 @@ where
         mode: config.claims.mode,
         params: &params.params,
     };
-    let checkout = match start_session(ctx.shared, &target, &spec, &settings).await {
+    let checkout = match Box::pin(start_session(ctx.shared, &target, &spec, &settings)).await {
         Ok(c) => c,
         Err(Failure::Refuse(e @ ClientError::UpstreamUnavailable(_))) => {
             ctx.shared.upstream_failed(&e.to_string());
@@ -381,9 +387,7 @@ where
 
     let mut out = BytesMut::with_capacity(512);
     wire::authentication(&mut out, wire::AUTH_OK);
-    for (name, value) in &conn.params {
-        wire::parameter_status(&mut out, name, value);
-    }
+    conn.params.encode(&mut out);
     wire::backend_key_data(&mut out, registration.pid, registration.secret);
     wire::ready_for_query(&mut out, conn.tx_status);
     if let Err(e) = stream.write_all(&out).await {

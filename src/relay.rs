@@ -334,6 +334,8 @@ where
     let mut ready_seen: u64 = 0;
     let mut last_upstream_tag = 0u8;
 
+    // Taken and dropped before the relay starts: an idle session keeps no
+    // set-up buffer.
     let taken = std::mem::take(pending);
     let mut malformed_pending = false;
     if !taken.is_empty() {
@@ -350,6 +352,7 @@ where
             Err(BadFrame) => malformed_pending = true,
         }
     }
+    drop(taken);
 
     tokio::pin!(shutdown);
     let end = if malformed_pending {

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use crate::config::ClaimsMode;
 use crate::error::ClientError;
+use crate::upstream::params::ServerParams;
 use crate::upstream::stream::UpstreamStream;
 use crate::wire::{self, ErrorFields, Reader, WireError};
 
@@ -116,7 +117,7 @@ pub struct UpstreamConn {
     /// Bytes read past the last parsed message.
     pub buf: BytesMut,
     /// ParameterStatus values reported by the server.
-    pub params: Vec<(String, String)>,
+    pub params: ServerParams,
     pub backend_pid: i32,
     pub backend_secret: i32,
     pub addr: SocketAddr,
@@ -149,8 +150,8 @@ impl UpstreamConn {
         let key = SessionKey::generate()?;
         let mut conn = UpstreamConn {
             stream,
-            buf: BytesMut::with_capacity(8192),
-            params: Vec::new(),
+            buf: BytesMut::new(),
+            params: ServerParams::default(),
             backend_pid: 0,
             backend_secret: 0,
             addr,
@@ -269,12 +270,9 @@ impl UpstreamConn {
                     first_error.get_or_insert(ErrorFields::parse(&body));
                 }
                 b'S' => {
-                    let name = r.cstr()?.to_owned();
-                    let value = r.cstr()?.to_owned();
-                    match self.params.iter_mut().find(|(k, _)| *k == name) {
-                        Some(slot) => slot.1 = value,
-                        None => self.params.push((name, value)),
-                    }
+                    let name = r.cstr()?;
+                    let value = r.cstr()?;
+                    self.params.set(name, value);
                 }
                 b'K' => {
                     self.backend_pid = r.i32()?;

@@ -2,5 +2,6 @@
 //! those connections per (database, role).
 
 pub mod connect;
+pub mod params;
 pub mod pool;
 pub mod stream;
