@@ -42,6 +42,8 @@ chmod 755 "$WORK"
 PIDS=()
 cleanup() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    # PgBouncer runs under runuser: its own pid is in its pidfile.
+    [ -f "$WORK/bouncer/pgbouncer.pid" ] && kill "$(cat "$WORK/bouncer/pgbouncer.pid")" 2>/dev/null
     wait 2>/dev/null || true
     stop_pg "$WORK/pg"
     rm -rf "$WORK"

@@ -105,6 +105,12 @@ impl CancelMap {
 }
 
 impl Registration {
+    /// Points the key at another backend: the session moved to a new
+    /// upstream connection before its first query.
+    pub async fn retarget(&self, backend: BackendKey) {
+        *self.entry.backend.write().await = Some(backend);
+    }
+
     /// Detaches the backend, waiting for any cancel being forwarded to it.
     pub async fn detach(self) {
         *self.entry.backend.write().await = None;

@@ -260,16 +260,14 @@ where
         mode: config.claims.mode,
         params: &params.params,
     };
-    let checkout = match Box::pin(start_session(ctx.shared, &target, &spec, &settings)).await {
-        Ok(c) => c,
-        Err(Failure::Refuse(e @ ClientError::UpstreamUnavailable(_))) => {
-            ctx.shared.upstream_failed(&e.to_string());
-            return Err(e.into());
-        }
-        Err(f) => return Err(f),
+    let start = SessionStart {
+        shared: ctx.shared,
+        target,
+        spec,
+        settings: &settings,
     };
-    ctx.shared.upstream_answered();
-    relay_session(stream, ctx.shared, checkout, params).await
+    let (checkout, pending) = start.noted(Box::pin(start.open(true)).await)?;
+    relay_session(stream, &start, checkout, pending, params).await
 }
 
 /// Asks for the password and verifies it as a JWT.
@@ -325,33 +323,92 @@ fn refuse_token(e: TokenError) -> Failure {
     Failure::Refuse(ClientError::InvalidToken(e.to_string()))
 }
 
-/// Checks out an upstream connection and sets the session up on it. A
-/// reused connection that fails at the transport level is replaced once.
-async fn start_session(
-    shared: &Shared,
-    target: &LoginTarget,
-    spec: &SessionSpec<'_>,
-    settings: &[(String, String)],
-) -> Result<Checkout, Failure> {
-    for attempt in 0..2 {
-        let mut checkout = shared
-            .pool
-            .acquire(target)
-            .await
-            .map_err(|e| e.to_client(&target.role))?;
-        match session::begin(&mut checkout.conn, spec, settings).await {
-            Ok(()) => return Ok(checkout),
-            Err(UpstreamError::Server(f)) => {
+/// Where and how one client's session is set up upstream.
+struct SessionStart<'a> {
+    shared: &'a Shared,
+    target: LoginTarget,
+    spec: SessionSpec<'a>,
+    settings: &'a [(String, String)],
+}
+
+impl SessionStart<'_> {
+    /// Checks out an upstream connection and sends the session set-up. If
+    /// `allow_early` and the settings allow it, the reply is left for
+    /// [`confirm`](Self::confirm) (the `bool` says so), otherwise awaited
+    /// here. A reused connection that fails at the transport level is
+    /// replaced once.
+    async fn open(&self, allow_early: bool) -> Result<(Checkout, bool), Failure> {
+        for attempt in 0..2 {
+            let mut checkout = self
+                .shared
+                .pool
+                .acquire(&self.target)
+                .await
+                .map_err(|e| e.to_client(&self.target.role))?;
+            let early =
+                allow_early && session::can_hand_over_early(&checkout.conn.params, self.settings);
+            let result =
+                match session::send_setup(&mut checkout.conn, &self.spec, self.settings).await {
+                    Ok(()) if early => return Ok((checkout, true)),
+                    Ok(()) => checkout.conn.read_until_ready().await,
+                    Err(e) => Err(e),
+                };
+            match result {
+                Ok(()) => return Ok((checkout, false)),
+                Err(e) if checkout.reused && attempt == 0 && !is_server_error(&e) => {
+                    debug!(error = %e, "pooled connection failed at set-up; opening a new one");
+                }
                 // The connection is dropped (closed): its claims state is unknown.
-                return Err(session_error(f).into());
+                Err(e) => return Err(self.failure(e)),
             }
-            Err(e) if checkout.reused && attempt == 0 => {
+        }
+        Err(ClientError::UpstreamUnavailable("could not set up an upstream session".into()).into())
+    }
+
+    /// Reads the reply to a set-up [`open`](Self::open) sent early. Nothing
+    /// of the client's is relayed before it is in and clean.
+    async fn confirm(&self, mut checkout: Checkout) -> Result<Checkout, Failure> {
+        match checkout.conn.read_until_ready().await {
+            Ok(()) => Ok(checkout),
+            Err(e) if checkout.reused && !is_server_error(&e) => {
                 debug!(error = %e, "pooled connection failed at set-up; opening a new one");
+                drop(checkout);
+                Ok(self.open(false).await?.0)
             }
-            Err(e) => return Err(e.to_client(&target.role).into()),
+            Err(e) => Err(self.failure(e)),
         }
     }
-    Err(ClientError::UpstreamUnavailable("could not set up an upstream session".into()).into())
+
+    fn failure(&self, e: UpstreamError) -> Failure {
+        match e {
+            UpstreamError::Server(f) => session_error(f).into(),
+            e => e.to_client(&self.target.role).into(),
+        }
+    }
+
+    /// Keeps the proxy's view of upstream health current.
+    fn noted<T>(&self, result: Result<T, Failure>) -> Result<T, Failure> {
+        match &result {
+            Ok(_) => self.shared.upstream_answered(),
+            Err(Failure::Refuse(e @ ClientError::UpstreamUnavailable(_))) => {
+                self.shared.upstream_failed(&e.to_string());
+            }
+            Err(_) => {}
+        }
+        result
+    }
+}
+
+fn is_server_error(e: &UpstreamError) -> bool {
+    matches!(e, UpstreamError::Server(_))
+}
+
+fn backend_of(checkout: &Checkout) -> BackendKey {
+    BackendKey {
+        addr: checkout.conn.addr,
+        pid: checkout.conn.backend_pid,
+        secret: checkout.conn.backend_secret,
+    }
 }
 
 /// A setting the client asked for that Postgres refused keeps its own
@@ -368,33 +425,56 @@ fn session_error(f: wire::ErrorFields) -> ClientError {
     }
 }
 
+/// Hands the session over and relays it. With `pending` the set-up reply
+/// is still to come: the client gets its `ReadyForQuery` now, and its
+/// first query waits in the socket until the reply is in.
 async fn relay_session<S>(
     stream: &mut S,
-    shared: &Shared,
+    start: &SessionStart<'_>,
     mut checkout: Checkout,
+    pending: bool,
     params: &StartupParams,
 ) -> Result<(), Failure>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let shared = start.shared;
     let started = std::time::Instant::now();
-    let conn = &mut checkout.conn;
-    let registration = shared.cancels.register(BackendKey {
-        addr: conn.addr,
-        pid: conn.backend_pid,
-        secret: conn.backend_secret,
-    });
+    let first_backend = backend_of(&checkout);
+    let registration = shared.cancels.register(first_backend);
 
     let mut out = BytesMut::with_capacity(512);
     wire::authentication(&mut out, wire::AUTH_OK);
-    conn.params.encode(&mut out);
+    if pending {
+        // What the set-up reply will report (see `can_hand_over_early`).
+        for (name, value) in start.settings {
+            checkout.conn.params.set(name, value);
+        }
+    }
+    checkout.conn.params.encode(&mut out);
     wire::backend_key_data(&mut out, registration.pid, registration.secret);
-    wire::ready_for_query(&mut out, conn.tx_status);
+    wire::ready_for_query(&mut out, checkout.conn.tx_status);
     if let Err(e) = stream.write_all(&out).await {
         registration.detach().await;
         return Err(Failure::Silent(e.into()));
     }
+    drop(out);
+    if pending {
+        let confirmed = Box::pin(start.confirm(checkout)).await;
+        checkout = match start.noted(confirmed) {
+            Ok(c) => c,
+            Err(f) => {
+                registration.detach().await;
+                return Err(f);
+            }
+        };
+        let backend = backend_of(&checkout);
+        if (backend.addr, backend.pid) != (first_backend.addr, first_backend.pid) {
+            registration.retarget(backend).await;
+        }
+    }
 
+    let conn = &mut checkout.conn;
     let closing = shared.close_sessions.cancelled();
     let outcome = relay::relay(stream, &mut conn.stream, &mut conn.buf, closing).await;
     registration.detach().await;

@@ -12,6 +12,7 @@ use crate::auth::claims::Claims;
 use crate::config::ClaimsMode;
 use crate::error::ClientError;
 use crate::upstream::connect::{SessionKey, UpstreamConn, UpstreamError};
+use crate::upstream::params::ServerParams;
 use crate::wire;
 
 /// base64url of `{"alg":"EdDSA"}`, the header of every re-signed token.
@@ -131,8 +132,22 @@ pub async fn begin(
     spec: &SessionSpec<'_>,
     settings: &[(String, String)],
 ) -> Result<(), UpstreamError> {
+    send_setup(conn, spec, settings).await?;
+    conn.read_until_ready().await
+}
+
+/// Writes the set-up (settings, then claims, one Sync) without waiting for
+/// its reply; [`UpstreamConn::read_until_ready`] reads that.
+pub async fn send_setup(
+    conn: &mut UpstreamConn,
+    spec: &SessionSpec<'_>,
+    settings: &[(String, String)],
+) -> Result<(), UpstreamError> {
     let mut out = BytesMut::with_capacity(1024);
     for (name, value) in settings {
+        if already_reported(&conn.params, name, value) {
+            continue;
+        }
         wire::extended_query(
             &mut out,
             "SELECT pg_catalog.set_config($1, $2, false)",
@@ -165,9 +180,31 @@ pub async fn begin(
         }
     }
     wire::sync(&mut out);
-    conn.send(&out).await?;
-    conn.read_until_ready().await
+    conn.send(&out).await
 }
+
+/// Whether the server already reported `name` as exactly `value`: the
+/// reported settings are the current ones, so setting it again is a no-op.
+fn already_reported(params: &ServerParams, name: &str, value: &str) -> bool {
+    params.get(name) == Some(value)
+}
+
+/// Whether the client may be handed the session before the set-up reply is
+/// in. Only settings Postgres accepts whatever their value qualify, so an
+/// error the client caused still reaches it at connect time; what the
+/// reply then brings is known in advance: `application_name` is reported
+/// back unchanged when it is short printable ASCII.
+pub fn can_hand_over_early(params: &ServerParams, settings: &[(String, String)]) -> bool {
+    settings.iter().all(|(name, value)| {
+        already_reported(params, name, value)
+            || (name == "application_name"
+                && value.len() < APPLICATION_NAME_MAX
+                && value.bytes().all(|b| (b' '..=b'~').contains(&b)))
+    })
+}
+
+/// Postgres keeps `application_name` below NAMEDATALEN (64) bytes.
+const APPLICATION_NAME_MAX: usize = 64;
 
 fn tokenless_claims(role: &str) -> Claims {
     let mut claims = Map::new();
@@ -273,5 +310,29 @@ mod tests {
             );
         }
         assert!(client_settings(&pairs(&[("options", "-x")])).is_err());
+    }
+
+    #[test]
+    fn only_settings_that_cannot_fail_allow_an_early_hand_over() {
+        let mut params = ServerParams::default();
+        params.set("client_encoding", "UTF8");
+        let early = |settings: &[(&str, &str)]| can_hand_over_early(&params, &pairs(settings));
+        assert!(early(&[]));
+        assert!(early(&[("application_name", "pgbench")]));
+        assert!(early(&[
+            ("client_encoding", "UTF8"),
+            ("application_name", "x")
+        ]));
+        assert!(!early(&[("client_encoding", "LATIN1")]));
+        let long = "x".repeat(64);
+        for refused in [
+            ("application_name", "caf\u{e9}"),
+            ("application_name", long.as_str()),
+            ("application_name", "tab\there"),
+            ("statement_timeout", "5s"),
+            ("search_path", "public"),
+        ] {
+            assert!(!early(&[refused]), "{refused:?}");
+        }
     }
 }

@@ -532,3 +532,69 @@ async fn startup_settings_apply_per_session_and_identity_ones_are_refused() {
         describe(&err)
     );
 }
+
+#[tokio::test]
+async fn claims_refused_after_an_early_hand_over_end_the_session_with_the_reason() {
+    let env = Env::start_with(Options {
+        max_per_role: 1,
+        ..Default::default()
+    })
+    .await;
+    let su = env.pg.superuser().await;
+    // A client whose settings all apply cleanly is handed over before the
+    // set-up reply is in; a refusal then arrives on its first query.
+    su.batch_execute(
+        "ALTER FUNCTION auth.jwt_session_init(text) RENAME TO jwt_session_init_saved;
+         CREATE FUNCTION auth.jwt_session_init(jwt text) RETURNS void LANGUAGE plpgsql
+             AS $$ BEGIN RAISE EXCEPTION 'no claims today'; END $$;",
+    )
+    .await
+    .expect("break the claims function");
+    let mut config = env.config("authenticated", Some(&env.token(&env.es, "alice")));
+    config.application_name("early");
+    let client = common::connect(&config)
+        .await
+        .expect("handed over before the set-up reply");
+    let err = client
+        .query_one("SELECT auth.user_id()", &[])
+        .await
+        .expect_err("no query runs without claims");
+    let db = err.as_db_error().expect("server error");
+    assert_eq!(db.code().code(), "28000", "{}", describe(&err));
+    assert!(
+        db.message().contains("claims were refused upstream")
+            && db.message().contains("no claims today"),
+        "{}",
+        db.message()
+    );
+    assert!(client.is_closed(), "the session ends with its set-up");
+
+    // A setting Postgres may refuse is applied before the hand-over, so its
+    // error arrives at connect time, as from Postgres itself.
+    su.batch_execute(
+        "DROP FUNCTION auth.jwt_session_init(text);
+         ALTER FUNCTION auth.jwt_session_init_saved(text) RENAME TO jwt_session_init;",
+    )
+    .await
+    .expect("restore the claims function");
+    let mut bad_setting = env.config("authenticated", Some(&env.token(&env.es, "alice")));
+    bad_setting.options("-c work_mem=lots");
+    let err = common::connect(&bad_setting)
+        .await
+        .expect_err("refused at connect");
+    assert_eq!(
+        err.as_db_error().map(|e| e.code().code()),
+        Some("22023"),
+        "{}",
+        describe(&err)
+    );
+
+    // Neither failed connection went back to the pool: the one slot serves.
+    let bob = env.as_user(&env.ed, "bob").await;
+    assert_eq!(
+        one_row(&bob, "SELECT auth.user_id()")
+            .await
+            .get::<_, String>(0),
+        "bob"
+    );
+}

@@ -15,6 +15,10 @@ pub struct ServerParams {
 impl ServerParams {
     /// Sets `name` to `value`, replacing an earlier report of the same name.
     pub fn set(&mut self, name: &str, value: &str) {
+        // Every session's set-up and reset report the same few again.
+        if self.get(name) == Some(value) {
+            return;
+        }
         let mut packed = Vec::with_capacity(self.packed.len() + name.len() + value.len() + 2);
         for (n, v) in self.iter() {
             if n != name {
@@ -23,6 +27,11 @@ impl ServerParams {
         }
         push_entry(&mut packed, name, value);
         self.packed = packed.into_boxed_slice();
+    }
+
+    /// The value last reported for `name`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
     }
 
     /// Entries in the order first reported (a replaced one moves last).
