@@ -9,7 +9,7 @@ use crate::wire;
 /// `name\0value\0` entries, each exactly a ParameterStatus body.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ServerParams {
-    packed: Box<[u8]>,
+    packed: Box<str>,
 }
 
 impl ServerParams {
@@ -19,14 +19,14 @@ impl ServerParams {
         if self.get(name) == Some(value) {
             return;
         }
-        let mut packed = Vec::with_capacity(self.packed.len() + name.len() + value.len() + 2);
+        let mut packed = String::with_capacity(self.packed.len() + name.len() + value.len() + 2);
         for (n, v) in self.iter() {
             if n != name {
                 push_entry(&mut packed, n, v);
             }
         }
         push_entry(&mut packed, name, value);
-        self.packed = packed.into_boxed_slice();
+        self.packed = packed.into_boxed_str();
     }
 
     /// The value last reported for `name`.
@@ -36,11 +36,7 @@ impl ServerParams {
 
     /// Entries in the order first reported (a replaced one moves last).
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        let mut fields = self
-            .packed
-            .split(|&b| b == 0)
-            // Entries are written only from `&str`, so each field is UTF-8.
-            .map(|f| std::str::from_utf8(f).unwrap_or_default());
+        let mut fields = self.packed.split('\0');
         std::iter::from_fn(move || {
             let name = fields.next().filter(|n| !n.is_empty())?;
             Some((name, fields.next()?))
@@ -55,11 +51,11 @@ impl ServerParams {
     }
 }
 
-fn push_entry(packed: &mut Vec<u8>, name: &str, value: &str) {
-    packed.extend_from_slice(name.as_bytes());
-    packed.push(0);
-    packed.extend_from_slice(value.as_bytes());
-    packed.push(0);
+fn push_entry(packed: &mut String, name: &str, value: &str) {
+    packed.push_str(name);
+    packed.push('\0');
+    packed.push_str(value);
+    packed.push('\0');
 }
 
 #[cfg(test)]

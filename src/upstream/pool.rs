@@ -38,9 +38,10 @@ struct Idle {
 
 /// One (database, role) pool.
 struct RolePool {
-    database: String,
-    role: String,
     idle: Mutex<Vec<Idle>>,
+    /// `rlsproxy_pool_{idle,in_use}_connections` for this pool, registered once.
+    idle_gauge: metrics::Gauge,
+    in_use_gauge: metrics::Gauge,
     /// One permit per connection in use; idle ones hold none.
     in_use: Arc<Semaphore>,
     /// The limit `in_use` was sized for; changed on reload.
@@ -52,15 +53,25 @@ impl RolePool {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn report(&self) {
+    fn new(target: &LoginTarget, limit: usize) -> RolePool {
         let labels = [
-            ("database", self.database.clone()),
-            ("role", self.role.clone()),
+            ("database", target.database.clone()),
+            ("role", target.role.clone()),
         ];
+        RolePool {
+            idle: Mutex::default(),
+            idle_gauge: metrics::gauge!("rlsproxy_pool_idle_connections", &labels),
+            in_use_gauge: metrics::gauge!("rlsproxy_pool_in_use_connections", &labels),
+            in_use: Arc::new(Semaphore::new(limit)),
+            limit: Mutex::new(limit),
+        }
+    }
+
+    fn report(&self) {
         let limit = *self.limit.lock().unwrap_or_else(|p| p.into_inner());
         let in_use = limit.saturating_sub(self.in_use.available_permits());
-        metrics::gauge!("rlsproxy_pool_idle_connections", &labels).set(self.idle().len() as f64);
-        metrics::gauge!("rlsproxy_pool_in_use_connections", &labels).set(in_use as f64);
+        self.idle_gauge.set(self.idle().len() as f64);
+        self.in_use_gauge.set(in_use as f64);
     }
 
     /// Grows or shrinks the number of connections that may be in use.
@@ -154,15 +165,7 @@ impl Pool {
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         pools
             .entry(key)
-            .or_insert_with(|| {
-                Arc::new(RolePool {
-                    database: target.database.clone(),
-                    role: target.role.clone(),
-                    idle: Mutex::default(),
-                    in_use: Arc::new(Semaphore::new(limit)),
-                    limit: Mutex::new(limit),
-                })
-            })
+            .or_insert_with(|| Arc::new(RolePool::new(target, limit)))
             .clone()
     }
 
