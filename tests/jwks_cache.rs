@@ -138,6 +138,38 @@ async fn jwks_server_down_for_an_hour_keeps_known_keys() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn failed_refreshes_are_retried_after_2_4_8_16_32_seconds_then_each_min_ttl() {
+    let _clock = freeze_clock();
+    let key = TestKey::es256("k");
+    let server = JwksServer::with_keys(&[&key]).await;
+    let (_auth, source) = started(&config(&server, "")).await;
+
+    // The refresh at 75% of the default 5m TTL is the first failure.
+    server.set_behaviour(Behaviour::Status(500));
+    advance(&source, Duration::from_secs(225)).await;
+    assert_eq!((server.fetch_count(), source.failures()), (2, 1));
+
+    let almost = Duration::from_millis(10);
+    for (i, secs) in [2, 4, 8, 16, 32, 60, 60].into_iter().enumerate() {
+        let fetches = server.fetch_count();
+        advance(&source, Duration::from_secs(secs) - almost).await;
+        assert_eq!(server.fetch_count(), fetches, "retry {i} before {secs}s");
+        advance(&source, almost).await;
+        assert_eq!(server.fetch_count(), fetches + 1, "retry {i} after {secs}s");
+    }
+
+    // A success ends the backoff: the next fetch is the regular refresh.
+    server.set_behaviour(Behaviour::Normal);
+    advance(&source, Duration::from_secs(60)).await;
+    assert_eq!(server.fetch_count(), 10);
+    advance(&source, Duration::from_secs(224)).await;
+    assert_eq!(server.fetch_count(), 10, "backoff outlived the success");
+    advance(&source, Duration::from_secs(1)).await;
+    assert_eq!(server.fetch_count(), 11);
+    assert_eq!(source.failures(), 8);
+}
+
+#[tokio::test(start_paused = true)]
 async fn hundred_unknown_kids_inside_the_cooldown_cause_one_fetch() {
     let _clock = freeze_clock();
     let known = TestKey::es256("known");

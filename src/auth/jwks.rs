@@ -16,8 +16,9 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::auth::keys::KeySet;
 use crate::config::JwksConfig;
 
-/// First retry delay after a failed fetch; doubles up to `min_ttl`.
-const FIRST_RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Wait after the first failed fetch before retrying; doubles with each
+/// further failure, up to `min_ttl`.
+const FIRST_RETRY_DELAY: Duration = Duration::from_secs(2);
 /// How often a `jwks_file` is checked for changes.
 const FILE_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Redirects followed per fetch.
@@ -235,8 +236,7 @@ impl KeySource {
                     failures = failures.saturating_add(1);
                     self.record_failure(&e);
                     self.expire_if_stale();
-                    let backoff = FIRST_RETRY_DELAY.saturating_mul(1 << failures.min(16));
-                    backoff.min(self.config.min_ttl)
+                    retry_delay(failures, self.config.min_ttl)
                 }
             };
             tokio::time::sleep(wait).await;
@@ -420,6 +420,13 @@ impl KeySource {
     }
 }
 
+/// How long to wait after `failures` fetches in a row have failed (at
+/// least one): 2 s, 4 s, 8 s, ... up to `cap`.
+fn retry_delay(failures: u32, cap: Duration) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    FIRST_RETRY_DELAY.saturating_mul(1 << doublings).min(cap)
+}
+
 fn http_error(e: reqwest::Error) -> JwksError {
     if e.is_timeout() {
         JwksError::Timeout
@@ -508,6 +515,25 @@ fn http_client(config: &JwksConfig) -> Result<reqwest::Client, JwksError> {
         .user_agent(concat!("rlsproxy/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|e| JwksError::Http(e.to_string()))
+}
+
+#[cfg(test)]
+mod retry_tests {
+    use std::time::Duration;
+
+    use super::retry_delay;
+
+    #[test]
+    fn retries_start_at_two_seconds_and_double_up_to_the_cap() {
+        let minute = Duration::from_secs(60);
+        let delays: Vec<u64> = (1..=8).map(|n| retry_delay(n, minute).as_secs()).collect();
+        assert_eq!(delays, [2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(retry_delay(u32::MAX, minute), minute);
+        assert_eq!(
+            retry_delay(1, Duration::from_secs(1)),
+            Duration::from_secs(1)
+        );
+    }
 }
 
 #[cfg(test)]
