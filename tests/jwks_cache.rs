@@ -118,6 +118,102 @@ async fn rotated_key_is_accepted_on_first_use() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn key_rotated_in_under_the_same_kid_is_accepted_on_first_use() {
+    let _clock = freeze_clock();
+    // Some issuers keep the kid when they rotate: same type, or a new one.
+    let (old, same_type, new_type) = (
+        TestKey::es256("k"),
+        TestKey::es256("k"),
+        TestKey::ed25519("k"),
+    );
+    let server = JwksServer::with_keys(&[&old]).await;
+    let (auth, source) = started(&config(&server, "")).await;
+    assert_eq!(accepts(&auth, &token(&server, &old, "a")).await, Ok(()));
+
+    server.set_keys(&[&same_type]);
+    assert_eq!(
+        accepts(&auth, &token(&server, &same_type, "b")).await,
+        Ok(())
+    );
+    assert_eq!(
+        server.fetch_count(),
+        2,
+        "one refetch, no waiting for the TTL"
+    );
+
+    advance(&source, Duration::from_secs(11)).await;
+    server.set_keys(&[&new_type]);
+    assert_eq!(
+        accepts(&auth, &token(&server, &new_type, "c")).await,
+        Ok(())
+    );
+    assert_eq!(server.fetch_count(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn token_without_kid_signed_by_a_newly_rotated_key_is_accepted_on_first_use() {
+    let _clock = freeze_clock();
+    let (old, new) = (TestKey::rs256("old"), TestKey::rs256("new"));
+    let server = JwksServer::with_keys(&[&old]).await;
+    let (auth, _) = started(&config(&server, "")).await;
+    let no_kid = |key: &TestKey| {
+        let header = serde_json::json!({ "alg": key.alg(), "typ": "JWT" });
+        key.sign_with_header(&header, &claims("a", &server.issuer(), AUD))
+    };
+    assert_eq!(accepts(&auth, &no_kid(&old)).await, Ok(()));
+
+    server.set_keys(&[&old, &new]);
+    assert_eq!(accepts(&auth, &no_kid(&new)).await, Ok(()));
+    assert_eq!(server.fetch_count(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn hundred_forged_signatures_inside_the_cooldown_cause_one_fetch() {
+    let _clock = freeze_clock();
+    let known = TestKey::es256("known");
+    let server = JwksServer::with_keys(&[&known]).await;
+    let (auth, source) = started(&config(&server, "")).await;
+
+    // Signed by strangers under the known kid, with and without a kid.
+    let header = serde_json::json!({ "alg": "ES256" });
+    let forged: Vec<String> = (0..100)
+        .map(|i| {
+            let stranger = TestKey::es256("known");
+            let c = claims("mallory", &server.issuer(), AUD);
+            if i % 2 == 0 {
+                stranger.sign(&c)
+            } else {
+                stranger.sign_with_header(&header, &c)
+            }
+        })
+        .collect();
+    let results = join_all(forged.iter().map(|t| accepts(&auth, t))).await;
+    assert!(
+        results.iter().all(|r| *r == Err(TokenError::BadSignature)),
+        "{:?}",
+        results
+            .iter()
+            .find(|r| **r != Err(TokenError::BadSignature))
+    );
+    assert_eq!(server.fetch_count(), 2);
+
+    // Still inside the cooldown: no fetch at all, and real tokens still pass.
+    tokio::time::advance(Duration::from_secs(9)).await;
+    assert_eq!(
+        accepts(&auth, &forged[0]).await,
+        Err(TokenError::BadSignature)
+    );
+    assert_eq!(accepts(&auth, &token(&server, &known, "a")).await, Ok(()));
+    assert_eq!(server.fetch_count(), 2);
+
+    // After it, one more fetch for the whole flood.
+    advance(&source, Duration::from_secs(2)).await;
+    let results = join_all(forged.iter().map(|t| accepts(&auth, t))).await;
+    assert!(results.iter().all(Result::is_err));
+    assert_eq!(server.fetch_count(), 3);
+}
+
+#[tokio::test(start_paused = true)]
 async fn jwks_server_down_for_an_hour_keeps_known_keys() {
     let _clock = freeze_clock();
     let key = TestKey::rs256("k");

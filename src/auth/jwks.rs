@@ -1,8 +1,9 @@
 //! A per-issuer [`KeySource`]: fetches the issuer's JWKS (from a URL, a
 //! file, or the URL an OIDC discovery document names), refreshes it in the
-//! background before it expires and refetches once on an unknown `kid`, so
-//! that in steady state no connection waits on the network. A failed fetch
-//! keeps the last good keys for up to `max_stale`.
+//! background before it expires and refetches once when no cached key
+//! verifies a token (unknown `kid`, rotated key), so that in steady state no
+//! connection waits on the network. A failed fetch keeps the last good keys
+//! for up to `max_stale`.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -176,10 +177,14 @@ impl KeySource {
         }
     }
 
-    /// Called when a token names a key we do not have: refetch once, shared by
-    /// every connection waiting, then not again within the cooldown. Returns
-    /// whether the key set may have changed since `seen_generation`.
-    pub async fn refetch_unknown_kid(&self, seen_generation: u64) -> bool {
+    /// Called when no cached key verifies a token: its `kid` is unknown, or
+    /// the key under its `kid` (or, without a `kid`, every key) has another
+    /// type or another signature, as after a rotation that reused a `kid`.
+    /// Refetches once, shared by every connection waiting, then not again
+    /// within `unknown_kid_cooldown`, so a flood of forged tokens costs one
+    /// fetch per cooldown. `reason` labels the metric. Returns whether the
+    /// key set may have changed since `seen_generation`.
+    pub async fn refetch_missing_key(&self, seen_generation: u64, reason: &'static str) -> bool {
         let mut last = self.refetch_gate.lock().await;
         if self.generation() != seen_generation {
             return true;
@@ -189,8 +194,12 @@ impl KeySource {
             return false;
         }
         *last = Some(now);
-        metrics::counter!("rlsproxy_jwks_unknown_kid_refetches_total", "issuer" => self.issuer.clone())
-            .increment(1);
+        metrics::counter!(
+            "rlsproxy_jwks_unknown_kid_refetches_total",
+            "issuer" => self.issuer.clone(),
+            "reason" => reason
+        )
+        .increment(1);
         let span = info_span!("jwks", issuer = %self.issuer);
         match self.fetch().instrument(span).await {
             Ok((set, _)) => {

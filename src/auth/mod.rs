@@ -237,10 +237,19 @@ impl Authenticator {
 
         let generation = issuer.source.generation();
         let keys = issuer.source.keys();
+        // Any "no key verifies this" may be a rotation we have not seen: a
+        // new kid, or a new key under an old kid or for a token without one.
         let key_id = match keys.verify(&unverified, name) {
             Ok(key) => key.id,
-            Err(TokenError::UnknownKid { .. } | TokenError::NoKeys(_))
-                if issuer.source.refetch_unknown_kid(generation).await =>
+            Err(
+                e @ (TokenError::UnknownKid { .. }
+                | TokenError::NoKeys(_)
+                | TokenError::NoFittingKey { .. }
+                | TokenError::BadSignature),
+            ) if issuer
+                .source
+                .refetch_missing_key(generation, e.reason())
+                .await =>
             {
                 debug!(
                     kid = unverified.header.kid.as_deref(),
