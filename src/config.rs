@@ -695,6 +695,29 @@ mod tests {
     }
 
     #[test]
+    fn allow_missing_iss_needs_a_single_issuer() {
+        let one = MINIMAL.replace(
+            "audience = \"app\"",
+            "audience = \"app\"\nallow_missing_iss = true",
+        );
+        let c = Config::parse(&one, &env).expect("valid with one issuer");
+        assert!(c.issuers[0].allow_missing_iss);
+
+        let second = "[[issuers]]\nissuer = \"https://other.example\"\ndiscover = true\n";
+        let e = Config::parse(&format!("{one}\n{second}"), &env)
+            .expect_err("two issuers")
+            .to_string();
+        assert_eq!(e, "`issuers[0]`: allow_missing_iss needs a single issuer");
+        let e = Config::parse(
+            &format!("{MINIMAL}\n{second}allow_missing_iss = true\n"),
+            &env,
+        )
+        .expect_err("set on the second")
+        .to_string();
+        assert_eq!(e, "`issuers[1]`: allow_missing_iss needs a single issuer");
+    }
+
+    #[test]
     fn syntax_errors_give_the_line() {
         let e = Config::parse("[upstream]\nhost = \"a\"\nhost = \"b\"\n", &env).expect_err("dup");
         assert!(e.to_string().starts_with("invalid TOML: line 3: "), "{e}");

@@ -138,6 +138,34 @@ async fn configured_audience_with_missing_aud_fails() {
 }
 
 #[tokio::test]
+async fn token_without_iss_is_accepted_when_the_single_issuer_allows_it() {
+    let env = Env::start("allow_missing_iss = true", "").await;
+    let no_iss = with(json!({ "iss": null }));
+    assert_eq!(env.verify(&no_iss).await.as_deref(), Ok("authenticated"));
+
+    // It allows a missing iss, not a wrong one.
+    let e = env
+        .verify(&with(json!({ "iss": "https://evil.example" })))
+        .await
+        .expect_err("wrong iss");
+    assert_eq!(
+        e,
+        TokenError::UntrustedIssuer("https://evil.example".into())
+    );
+}
+
+#[tokio::test]
+async fn token_without_iss_is_refused_unless_allowed() {
+    let env = Env::start("", "").await;
+    let e = env
+        .verify(&with(json!({ "iss": null })))
+        .await
+        .expect_err("no iss");
+    assert_eq!(e, TokenError::MissingIssuer);
+    assert_eq!(e.to_string(), "token has no \"iss\" claim");
+}
+
+#[tokio::test]
 async fn token_over_max_token_bytes_is_refused_before_parsing() {
     let env = Env::start("", "[auth]\nmax_token_bytes = \"1KiB\"").await;
     // Not even a JWT: a parse would say "malformed"; the size check comes first.
