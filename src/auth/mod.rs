@@ -23,6 +23,9 @@ use verify::{ClaimsPolicy, TokenError};
 /// Longest a verified token is remembered, whatever its `exp`.
 const MAX_TOKEN_CACHE_TTL: Duration = Duration::from_secs(3600);
 
+/// The wall clock the claims checks read, in Unix seconds.
+type WallClock = Arc<dyn Fn() -> f64 + Send + Sync>;
+
 /// A token that passed every check, and the role its session runs as.
 #[derive(Debug)]
 pub struct VerifiedToken {
@@ -37,7 +40,12 @@ pub struct VerifiedToken {
     pub anonymous: bool,
     issuer_index: usize,
     key_id: [u8; 32],
+    /// How long the token cache may keep this token: until its `exp`, at
+    /// most [`MAX_TOKEN_CACHE_TTL`].
     cache_ttl: Duration,
+    /// When that ends, on the monotonic clock (tokio's, so that tests on a
+    /// paused clock see entries age).
+    cached_until: tokio::time::Instant,
 }
 
 impl VerifiedToken {
@@ -100,6 +108,7 @@ pub struct Authenticator {
     /// token; a hit skips the signature but never the time checks. `None`
     /// when `token_cache_entries` is 0.
     cache: Option<moka::sync::Cache<[u8; 32], Arc<VerifiedToken>>>,
+    wall_clock: WallClock,
     /// Background refresh tasks, stopped when this authenticator is dropped
     /// (a reload replaces it).
     refreshers: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -159,8 +168,18 @@ impl Authenticator {
             issuers,
             max_token_bytes: config.auth.max_token_bytes,
             cache,
+            wall_clock: Arc::new(verify::now_unix),
             refreshers: std::sync::Mutex::default(),
         })
+    }
+
+    /// Replaces the wall clock (Unix seconds) the claims checks read. Cache
+    /// entries age on the monotonic clock instead, so tests use this to play
+    /// a wall clock that steps ahead of it (an NTP correction, a resume from
+    /// suspend), which only the time checks on a cache hit can catch.
+    pub fn with_wall_clock(mut self, clock: impl Fn() -> f64 + Send + Sync + 'static) -> Self {
+        self.wall_clock = Arc::new(clock);
+        self
     }
 
     /// The key source of each issuer, in config order (for readiness, tests
@@ -211,9 +230,12 @@ impl Authenticator {
             && let Some(hit) = cache.get(hash)
         {
             let issuer = &self.issuers[hit.issuer_index];
-            if issuer.source.keys().contains(&hit.key_id) {
-                verify::check_times(&hit.claims, &issuer.policy, verify::now_unix())?;
+            let live = tokio::time::Instant::now() < hit.cached_until;
+            if live && issuer.source.keys().contains(&hit.key_id) {
                 metrics::counter!("rlsproxy_token_cache_total", "result" => "hit").increment(1);
+                // The entry aged on the monotonic clock; the wall clock may
+                // have moved further, so the token's own times still rule.
+                verify::check_times(&hit.claims, &issuer.policy, (self.wall_clock)())?;
                 return Ok(hit);
             }
             cache.invalidate(hash);
@@ -223,7 +245,9 @@ impl Authenticator {
         let started = std::time::Instant::now();
         let verified = Arc::new(self.verify_uncached(token, role).await?);
         metrics::histogram!("rlsproxy_token_verify_seconds").record(started.elapsed());
-        if let Some((cache, hash)) = cached {
+        if let Some((cache, hash)) = cached
+            && !verified.cache_ttl.is_zero()
+        {
             cache.insert(hash, verified.clone());
         }
         Ok(verified)
@@ -260,7 +284,7 @@ impl Authenticator {
             Err(e) => return Err(e),
         };
 
-        let now = verify::now_unix();
+        let now = (self.wall_clock)();
         verify::check_claims(&unverified.claims, &issuer.policy, now)?;
         let sub = match unverified.claims.get("sub") {
             Some(Value::String(s)) => s.clone(),
@@ -285,6 +309,7 @@ impl Authenticator {
             issuer_index,
             key_id,
             cache_ttl,
+            cached_until: tokio::time::Instant::now() + cache_ttl,
         })
     }
 
