@@ -334,7 +334,7 @@ impl Authenticator {
 fn location(ic: &IssuerConfig, jwks: &JwksConfig) -> Result<Location, String> {
     let url = |name: &str, text: &str| {
         let url = reqwest::Url::parse(text).map_err(|e| format!("{name}: {e}"))?;
-        jwks::check_url(&url, jwks.allow_http)?;
+        jwks::check_url(&url, jwks.allow_http).map_err(|e| format!("{name}: {e}"))?;
         Ok::<_, String>(url)
     };
     if let Some(text) = &ic.jwks_url {
@@ -343,8 +343,12 @@ fn location(ic: &IssuerConfig, jwks: &JwksConfig) -> Result<Location, String> {
     if let Some(path) = &ic.jwks_file {
         return Ok(Location::File(path.clone()));
     }
+    let name = match ic.discovery_url {
+        Some(_) => "discovery_url",
+        None => "discover",
+    };
     match ic.discovery_document() {
-        Some(text) => Ok(Location::Discovery(url("discovery_url", &text)?)),
+        Some(text) => Ok(Location::Discovery(url(name, &text)?)),
         None => Err("no key source".into()),
     }
 }
@@ -355,4 +359,81 @@ fn location(ic: &IssuerConfig, jwks: &JwksConfig) -> Result<Location, String> {
 /// caller of it; a second call is harmless.
 pub fn install_crypto_provider() {
     let _ = jsonwebtoken::crypto::aws_lc::DEFAULT_PROVIDER.install_default();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REFUSED: &str = "http is allowed only to loopback hosts (set jwks.allow_http)";
+
+    /// Builds the key sources of one issuer; fetches nothing.
+    fn setup(issuer: &str, source: &str, jwks: &str) -> Result<(), String> {
+        let text = format!(
+            r#"
+            [upstream]
+            host = "127.0.0.1"
+            [roles.authenticated]
+            [[issuers]]
+            issuer = "{issuer}"
+            {source}
+            [jwks]
+            {jwks}
+            "#
+        );
+        let config = Config::parse(&text, &|_| None).map_err(|e| e.to_string())?;
+        Authenticator::new(&config)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn plain_http_key_source_beyond_loopback_is_refused_unless_allowed() {
+        let iss = "http://issuer.example";
+        let cases = [
+            (
+                r#"jwks_url = "http://issuer.example/jwks.json""#,
+                "jwks_url",
+            ),
+            (
+                r#"jwks_url = "http://localhost.issuer.example/k""#,
+                "jwks_url",
+            ),
+            (r#"jwks_url = "http://10.0.0.7:8080/jwks.json""#, "jwks_url"),
+            (r#"jwks_url = "http://[fd00::1]/jwks.json""#, "jwks_url"),
+            (
+                r#"discovery_url = "http://issuer.example/.well-known/openid-configuration""#,
+                "discovery_url",
+            ),
+            ("discover = true", "discover"),
+        ];
+        for (source, key) in cases {
+            let e = setup(iss, source, "").expect_err(source);
+            assert!(e.starts_with(&format!("issuers[0]: {key}: http://")), "{e}");
+            assert!(e.ends_with(REFUSED), "{e}");
+            setup(iss, source, "allow_http = true").expect("allowed with allow_http");
+        }
+    }
+
+    #[test]
+    fn plain_http_to_loopback_and_https_anywhere_are_allowed() {
+        for url in [
+            "http://127.0.0.1:8080/jwks.json",
+            "http://127.3.2.1/jwks.json",
+            "http://localhost/jwks.json",
+            "http://LOCALHOST:9/jwks.json",
+            "http://[::1]:8080/jwks.json",
+            "https://issuer.example/jwks.json",
+        ] {
+            let source = format!("jwks_url = \"{url}\"");
+            setup("https://issuer.example", &source, "").unwrap_or_else(|e| panic!("{url}: {e}"));
+        }
+    }
+
+    #[test]
+    fn key_source_schemes_other_than_http_and_https_are_refused() {
+        let source = r#"jwks_url = "ftp://issuer.example/jwks.json""#;
+        let e = setup("https://issuer.example", source, "allow_http = true").expect_err("ftp");
+        assert!(e.ends_with("scheme \"ftp\" is not supported"), "{e}");
+    }
 }
