@@ -348,6 +348,30 @@ async fn token_cache_hit_skips_the_signature_check() {
     assert_eq!(cache_counts(&recorder.take()), (0, 1, 1));
 }
 
+#[tokio::test]
+async fn verify_latency_is_recorded_for_accepted_and_refused_tokens() {
+    let env = Env::start("", "").await;
+    let recorder = TestRecorder::new();
+    let valid = env.key.sign(&claims("alice", ISS, AUD));
+    let expired = env.key.sign(&with(json!({ "exp": now() - 120 })));
+    let wrong_aud = env.key.sign(&with(json!({ "aud": "other" })));
+
+    env.verify_recorded(&recorder, &valid).expect("valid");
+    env.verify_recorded(&recorder, &valid).expect("cached");
+    // Refusals that never wait (a forged signature would, for a refetch).
+    for refused in [&expired, &wrong_aud, "not.a.jwt", &"x".repeat(20_000)] {
+        env.verify_recorded(&recorder, refused)
+            .expect_err("refused");
+    }
+
+    // One verification each, cache hits and oversized tokens not timed.
+    let seen = recorder.take();
+    let timed = |result| seen.histogram("rlsproxy_token_verify_seconds", &[("result", result)]);
+    let (ok, refused) = (timed("ok"), timed("refused"));
+    assert_eq!((ok.len(), refused.len()), (1, 3), "{ok:?} {refused:?}");
+    assert!(ok.iter().chain(&refused).all(|s| (0.0..1.0).contains(s)));
+}
+
 #[tokio::test(start_paused = true)]
 async fn cache_hit_never_skips_the_exp_check() {
     let clock = TestClock::new();

@@ -242,9 +242,14 @@ impl Authenticator {
         }
         metrics::counter!("rlsproxy_token_cache_total", "result" => "miss").increment(1);
 
+        // Refusals are timed too: a refetch for a forged or rotated key
+        // makes them the slow ones.
         let started = std::time::Instant::now();
-        let verified = Arc::new(self.verify_uncached(token, role).await?);
-        metrics::histogram!("rlsproxy_token_verify_seconds").record(started.elapsed());
+        let outcome = self.verify_uncached(token, role).await;
+        let result = if outcome.is_ok() { "ok" } else { "refused" };
+        metrics::histogram!("rlsproxy_token_verify_seconds", "result" => result)
+            .record(started.elapsed());
+        let verified = Arc::new(outcome?);
         if let Some((cache, hash)) = cached
             && !verified.cache_ttl.is_zero()
         {
