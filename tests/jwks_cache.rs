@@ -421,6 +421,7 @@ async fn redirect_loops_are_cut_after_three() {
     let four = source(hops[0].url());
     let e = four.reload().await.expect_err("too many redirects");
     assert_eq!(e.reason(), "redirect", "{e}");
+    assert!(e.to_string().ends_with("more than 3 redirects"), "{e}");
     assert!(!four.has_keys());
 }
 

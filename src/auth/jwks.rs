@@ -440,10 +440,26 @@ fn http_error(e: reqwest::Error) -> JwksError {
     if e.is_timeout() {
         JwksError::Timeout
     } else if e.is_redirect() {
-        JwksError::Redirect(format!("{e:#}"))
+        JwksError::Redirect(with_causes(&e))
     } else {
-        JwksError::Http(format!("{e:#}"))
+        JwksError::Http(with_causes(&e))
     }
+}
+
+/// The error and its causes: reqwest's own message leaves out why (the
+/// redirect rule that refused, the TLS or connect failure).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let next = c.to_string();
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// Cache lifetime from `Cache-Control`, clamped to `min_ttl..=max_ttl`;
