@@ -19,7 +19,7 @@ use futures_util::FutureExt;
 use futures_util::future::join_all;
 use serde_json::{Value, json};
 
-use common::{JwksServer, TestKey, claims};
+use common::{JwksServer, TestKey, TestRecorder, claims};
 use rlsproxy::auth::Authenticator;
 use rlsproxy::auth::claims::Claims;
 use rlsproxy::auth::keys::{KeySet, aws_algorithm};
@@ -194,6 +194,12 @@ fn token_cache_hit(c: &mut Criterion) {
             .expect("valid token")
     };
     verify();
+    // Once, outside the timed loop: what is timed below must be a hit.
+    let recorder = TestRecorder::new();
+    recorder.record(verify);
+    let seen = recorder.take();
+    let count = |result| seen.counter("rlsproxy_token_cache_total", &[("result", result)]);
+    assert_eq!((count("hit"), count("miss")), (1, 0), "not a cache hit");
     c.bench_function("token_cache_hit", |b| b.iter(|| black_box(verify())));
 }
 

@@ -606,6 +606,50 @@ mod tests {
         assert_eq!(c.jwks.max_body, 256 * 1024);
     }
 
+    /// Each default as the README's configuration reference gives it.
+    #[test]
+    fn every_default_is_the_documented_one() {
+        let c = Config::parse(MINIMAL, &env).expect("valid");
+        let secs = Duration::from_secs;
+
+        let j = &c.jwks;
+        assert_eq!(j.min_ttl, secs(60));
+        assert_eq!(j.max_ttl, secs(3600));
+        assert_eq!(j.default_ttl, secs(300));
+        assert_eq!(j.unknown_kid_cooldown, secs(10));
+        assert_eq!(j.max_stale, secs(24 * 3600));
+        assert_eq!(j.connect_timeout, secs(2));
+        assert_eq!(j.timeout, secs(5));
+        assert_eq!(j.max_body, 256 * 1024);
+        assert!(!j.allow_http);
+
+        assert_eq!(c.auth.max_token_bytes, 16 * 1024);
+        assert_eq!(c.auth.token_cache_entries, 10_000);
+
+        let i = &c.issuers[0];
+        assert_eq!(i.leeway, secs(30));
+        assert!(!i.allow_missing_iss && !i.discover);
+        assert_eq!(i.roles, None);
+        assert_eq!(i.anonymous_users, AnonymousUsers::Refuse);
+        assert_eq!(i.anonymous_role, "anonymous");
+
+        assert_eq!(c.listen.addr.to_string(), "127.0.0.1:6432");
+        assert_eq!(c.listen.max_clients, 1000);
+        assert_eq!(c.listen.startup_timeout, secs(10));
+        assert_eq!(c.listen.shutdown_timeout, secs(30));
+        assert_eq!(c.upstream.port, 5432);
+        assert_eq!(c.upstream.connect_timeout, secs(5));
+        assert_eq!(c.upstream.sslmode, SslMode::Disable);
+        assert_eq!(c.upstream.root_cert, None);
+        assert_eq!(c.claims.mode, ClaimsMode::PgSessionJwt);
+        assert_eq!(c.pool.max_per_role, 20);
+        assert_eq!(c.pool.acquire_timeout, secs(10));
+        assert_eq!(c.pool.idle_timeout, secs(600));
+        assert_eq!(c.pool.max_lifetime, secs(3600));
+        assert_eq!(c.admin.addr.to_string(), "127.0.0.1:9930");
+        assert!(c.tls.is_none());
+    }
+
     #[test]
     fn unset_variable_is_an_error_naming_key_and_variable() {
         let e = Config::parse(MINIMAL, &|_| None).expect_err("must fail");
@@ -692,6 +736,29 @@ mod tests {
         assert_eq!(c.issuers[0].anonymous_users, AnonymousUsers::AnonymousRole);
         assert_eq!(c.issuers[0].anonymous_role, "anonymous");
         assert_eq!(c.issuers[0].roles, None);
+    }
+
+    #[test]
+    fn allow_missing_iss_needs_a_single_issuer() {
+        let one = MINIMAL.replace(
+            "audience = \"app\"",
+            "audience = \"app\"\nallow_missing_iss = true",
+        );
+        let c = Config::parse(&one, &env).expect("valid with one issuer");
+        assert!(c.issuers[0].allow_missing_iss);
+
+        let second = "[[issuers]]\nissuer = \"https://other.example\"\ndiscover = true\n";
+        let e = Config::parse(&format!("{one}\n{second}"), &env)
+            .expect_err("two issuers")
+            .to_string();
+        assert_eq!(e, "`issuers[0]`: allow_missing_iss needs a single issuer");
+        let e = Config::parse(
+            &format!("{MINIMAL}\n{second}allow_missing_iss = true\n"),
+            &env,
+        )
+        .expect_err("set on the second")
+        .to_string();
+        assert_eq!(e, "`issuers[1]`: allow_missing_iss needs a single issuer");
     }
 
     #[test]

@@ -118,6 +118,102 @@ async fn rotated_key_is_accepted_on_first_use() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn key_rotated_in_under_the_same_kid_is_accepted_on_first_use() {
+    let _clock = freeze_clock();
+    // Some issuers keep the kid when they rotate: same type, or a new one.
+    let (old, same_type, new_type) = (
+        TestKey::es256("k"),
+        TestKey::es256("k"),
+        TestKey::ed25519("k"),
+    );
+    let server = JwksServer::with_keys(&[&old]).await;
+    let (auth, source) = started(&config(&server, "")).await;
+    assert_eq!(accepts(&auth, &token(&server, &old, "a")).await, Ok(()));
+
+    server.set_keys(&[&same_type]);
+    assert_eq!(
+        accepts(&auth, &token(&server, &same_type, "b")).await,
+        Ok(())
+    );
+    assert_eq!(
+        server.fetch_count(),
+        2,
+        "one refetch, no waiting for the TTL"
+    );
+
+    advance(&source, Duration::from_secs(11)).await;
+    server.set_keys(&[&new_type]);
+    assert_eq!(
+        accepts(&auth, &token(&server, &new_type, "c")).await,
+        Ok(())
+    );
+    assert_eq!(server.fetch_count(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn token_without_kid_signed_by_a_newly_rotated_key_is_accepted_on_first_use() {
+    let _clock = freeze_clock();
+    let (old, new) = (TestKey::rs256("old"), TestKey::rs256("new"));
+    let server = JwksServer::with_keys(&[&old]).await;
+    let (auth, _) = started(&config(&server, "")).await;
+    let no_kid = |key: &TestKey| {
+        let header = serde_json::json!({ "alg": key.alg(), "typ": "JWT" });
+        key.sign_with_header(&header, &claims("a", &server.issuer(), AUD))
+    };
+    assert_eq!(accepts(&auth, &no_kid(&old)).await, Ok(()));
+
+    server.set_keys(&[&old, &new]);
+    assert_eq!(accepts(&auth, &no_kid(&new)).await, Ok(()));
+    assert_eq!(server.fetch_count(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn hundred_forged_signatures_inside_the_cooldown_cause_one_fetch() {
+    let _clock = freeze_clock();
+    let known = TestKey::es256("known");
+    let server = JwksServer::with_keys(&[&known]).await;
+    let (auth, source) = started(&config(&server, "")).await;
+
+    // Signed by strangers under the known kid, with and without a kid.
+    let header = serde_json::json!({ "alg": "ES256" });
+    let forged: Vec<String> = (0..100)
+        .map(|i| {
+            let stranger = TestKey::es256("known");
+            let c = claims("mallory", &server.issuer(), AUD);
+            if i % 2 == 0 {
+                stranger.sign(&c)
+            } else {
+                stranger.sign_with_header(&header, &c)
+            }
+        })
+        .collect();
+    let results = join_all(forged.iter().map(|t| accepts(&auth, t))).await;
+    assert!(
+        results.iter().all(|r| *r == Err(TokenError::BadSignature)),
+        "{:?}",
+        results
+            .iter()
+            .find(|r| **r != Err(TokenError::BadSignature))
+    );
+    assert_eq!(server.fetch_count(), 2);
+
+    // Still inside the cooldown: no fetch at all, and real tokens still pass.
+    tokio::time::advance(Duration::from_secs(9)).await;
+    assert_eq!(
+        accepts(&auth, &forged[0]).await,
+        Err(TokenError::BadSignature)
+    );
+    assert_eq!(accepts(&auth, &token(&server, &known, "a")).await, Ok(()));
+    assert_eq!(server.fetch_count(), 2);
+
+    // After it, one more fetch for the whole flood.
+    advance(&source, Duration::from_secs(2)).await;
+    let results = join_all(forged.iter().map(|t| accepts(&auth, t))).await;
+    assert!(results.iter().all(Result::is_err));
+    assert_eq!(server.fetch_count(), 3);
+}
+
+#[tokio::test(start_paused = true)]
 async fn jwks_server_down_for_an_hour_keeps_known_keys() {
     let _clock = freeze_clock();
     let key = TestKey::rs256("k");
@@ -135,6 +231,38 @@ async fn jwks_server_down_for_an_hour_keeps_known_keys() {
     // first refresh at 225 s has failed.
     assert!(source.failures() >= 55, "failures: {}", source.failures());
     assert_eq!(source.attempts(), 1 + source.failures());
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_refreshes_are_retried_after_2_4_8_16_32_seconds_then_each_min_ttl() {
+    let _clock = freeze_clock();
+    let key = TestKey::es256("k");
+    let server = JwksServer::with_keys(&[&key]).await;
+    let (_auth, source) = started(&config(&server, "")).await;
+
+    // The refresh at 75% of the default 5m TTL is the first failure.
+    server.set_behaviour(Behaviour::Status(500));
+    advance(&source, Duration::from_secs(225)).await;
+    assert_eq!((server.fetch_count(), source.failures()), (2, 1));
+
+    let almost = Duration::from_millis(10);
+    for (i, secs) in [2, 4, 8, 16, 32, 60, 60].into_iter().enumerate() {
+        let fetches = server.fetch_count();
+        advance(&source, Duration::from_secs(secs) - almost).await;
+        assert_eq!(server.fetch_count(), fetches, "retry {i} before {secs}s");
+        advance(&source, almost).await;
+        assert_eq!(server.fetch_count(), fetches + 1, "retry {i} after {secs}s");
+    }
+
+    // A success ends the backoff: the next fetch is the regular refresh.
+    server.set_behaviour(Behaviour::Normal);
+    advance(&source, Duration::from_secs(60)).await;
+    assert_eq!(server.fetch_count(), 10);
+    advance(&source, Duration::from_secs(224)).await;
+    assert_eq!(server.fetch_count(), 10, "backoff outlived the success");
+    advance(&source, Duration::from_secs(1)).await;
+    assert_eq!(server.fetch_count(), 11);
+    assert_eq!(source.failures(), 8);
 }
 
 #[tokio::test(start_paused = true)]
@@ -293,6 +421,7 @@ async fn redirect_loops_are_cut_after_three() {
     let four = source(hops[0].url());
     let e = four.reload().await.expect_err("too many redirects");
     assert_eq!(e.reason(), "redirect", "{e}");
+    assert!(e.to_string().ends_with("more than 3 redirects"), "{e}");
     assert!(!four.has_keys());
 }
 

@@ -7,6 +7,7 @@ mod common;
 
 use std::path::Path;
 
+use jsonwebtoken::Algorithm;
 use serde_json::{Value, json};
 
 use common::{TestKey, b64, claims};
@@ -64,6 +65,48 @@ fn azure_key_without_alg() {
     let ps = TestKey::ps256("azure-ps");
     let ps_set = set_of(vec![without(ps.jwk(), "alg")]);
     assert_eq!(verify(&ps_set, &token(&ps)), Ok(Some("azure-ps".into())));
+}
+
+#[test]
+fn ec_keys_without_alg_get_es256_or_es384_from_their_curve() {
+    for (key, kind, alg) in [
+        (TestKey::es256("p256"), KeyType::P256, Algorithm::ES256),
+        (TestKey::es384("p384"), KeyType::P384, Algorithm::ES384),
+    ] {
+        assert_alg_comes_from_the_key_type(&key, kind, alg);
+    }
+}
+
+#[test]
+fn okp_key_without_alg_gets_eddsa_from_its_curve() {
+    let key = TestKey::ed25519("ed");
+    assert_alg_comes_from_the_key_type(&key, KeyType::Ed25519, Algorithm::EdDSA);
+}
+
+/// `key`'s JWK without `alg` is a `kind` key that serves `alg` alone, and
+/// verifies `key`'s tokens with a `kid` and without one.
+fn assert_alg_comes_from_the_key_type(key: &TestKey, kind: KeyType, alg: Algorithm) {
+    let set = set_of(vec![without(key.jwk(), "alg")]);
+    let parsed = &set.keys[0];
+    assert_eq!((parsed.alg, parsed.kind), (None, kind));
+    for other in [
+        Algorithm::ES256,
+        Algorithm::ES384,
+        Algorithm::EdDSA,
+        Algorithm::RS256,
+    ] {
+        assert_eq!(
+            parsed.fits(other),
+            other == alg,
+            "{kind:?} key and {other:?}"
+        );
+    }
+
+    let kid = Some(key.kid().to_owned());
+    assert_eq!(verify(&set, &token(key)), Ok(kid.clone()));
+    let header = json!({ "alg": key.alg() });
+    let no_kid = key.sign_with_header(&header, &claims("alice", ISS, "app"));
+    assert_eq!(verify(&set, &no_kid), Ok(kid));
 }
 
 #[test]

@@ -91,6 +91,12 @@ async fn every_bad_token_is_refused_with_its_reason() {
             "issuer \"https://evil.example\" is not trusted",
         ),
         (
+            "iss missing",
+            es.sign(&without("iss")),
+            "28000",
+            "token has no \"iss\" claim",
+        ),
+        (
             "iss a number",
             es.sign(&with(json!({"iss": 7}))),
             "28000",

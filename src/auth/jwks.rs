@@ -1,8 +1,9 @@
 //! A per-issuer [`KeySource`]: fetches the issuer's JWKS (from a URL, a
 //! file, or the URL an OIDC discovery document names), refreshes it in the
-//! background before it expires and refetches once on an unknown `kid`, so
-//! that in steady state no connection waits on the network. A failed fetch
-//! keeps the last good keys for up to `max_stale`.
+//! background before it expires and refetches once when no cached key
+//! verifies a token (unknown `kid`, rotated key), so that in steady state no
+//! connection waits on the network. A failed fetch keeps the last good keys
+//! for up to `max_stale`.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,8 +17,9 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::auth::keys::KeySet;
 use crate::config::JwksConfig;
 
-/// First retry delay after a failed fetch; doubles up to `min_ttl`.
-const FIRST_RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Wait after the first failed fetch before retrying; doubles with each
+/// further failure, up to `min_ttl`.
+const FIRST_RETRY_DELAY: Duration = Duration::from_secs(2);
 /// How often a `jwks_file` is checked for changes.
 const FILE_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Redirects followed per fetch.
@@ -175,10 +177,14 @@ impl KeySource {
         }
     }
 
-    /// Called when a token names a key we do not have: refetch once, shared by
-    /// every connection waiting, then not again within the cooldown. Returns
-    /// whether the key set may have changed since `seen_generation`.
-    pub async fn refetch_unknown_kid(&self, seen_generation: u64) -> bool {
+    /// Called when no cached key verifies a token: its `kid` is unknown, or
+    /// the key under its `kid` (or, without a `kid`, every key) has another
+    /// type or another signature, as after a rotation that reused a `kid`.
+    /// Refetches once, shared by every connection waiting, then not again
+    /// within `unknown_kid_cooldown`, so a flood of forged tokens costs one
+    /// fetch per cooldown. `reason` labels the metric. Returns whether the
+    /// key set may have changed since `seen_generation`.
+    pub async fn refetch_missing_key(&self, seen_generation: u64, reason: &'static str) -> bool {
         let mut last = self.refetch_gate.lock().await;
         if self.generation() != seen_generation {
             return true;
@@ -188,8 +194,12 @@ impl KeySource {
             return false;
         }
         *last = Some(now);
-        metrics::counter!("rlsproxy_jwks_unknown_kid_refetches_total", "issuer" => self.issuer.clone())
-            .increment(1);
+        metrics::counter!(
+            "rlsproxy_jwks_unknown_kid_refetches_total",
+            "issuer" => self.issuer.clone(),
+            "reason" => reason
+        )
+        .increment(1);
         let span = info_span!("jwks", issuer = %self.issuer);
         match self.fetch().instrument(span).await {
             Ok((set, _)) => {
@@ -235,8 +245,7 @@ impl KeySource {
                     failures = failures.saturating_add(1);
                     self.record_failure(&e);
                     self.expire_if_stale();
-                    let backoff = FIRST_RETRY_DELAY.saturating_mul(1 << failures.min(16));
-                    backoff.min(self.config.min_ttl)
+                    retry_delay(failures, self.config.min_ttl)
                 }
             };
             tokio::time::sleep(wait).await;
@@ -420,14 +429,37 @@ impl KeySource {
     }
 }
 
+/// How long to wait after `failures` fetches in a row have failed (at
+/// least one): 2 s, 4 s, 8 s, ... up to `cap`.
+fn retry_delay(failures: u32, cap: Duration) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    FIRST_RETRY_DELAY.saturating_mul(1 << doublings).min(cap)
+}
+
 fn http_error(e: reqwest::Error) -> JwksError {
     if e.is_timeout() {
         JwksError::Timeout
     } else if e.is_redirect() {
-        JwksError::Redirect(format!("{e:#}"))
+        JwksError::Redirect(with_causes(&e))
     } else {
-        JwksError::Http(format!("{e:#}"))
+        JwksError::Http(with_causes(&e))
     }
+}
+
+/// The error and its causes: reqwest's own message leaves out why (the
+/// redirect rule that refused, the TLS or connect failure).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let next = c.to_string();
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// Cache lifetime from `Cache-Control`, clamped to `min_ttl..=max_ttl`;
@@ -508,6 +540,25 @@ fn http_client(config: &JwksConfig) -> Result<reqwest::Client, JwksError> {
         .user_agent(concat!("rlsproxy/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|e| JwksError::Http(e.to_string()))
+}
+
+#[cfg(test)]
+mod retry_tests {
+    use std::time::Duration;
+
+    use super::retry_delay;
+
+    #[test]
+    fn retries_start_at_two_seconds_and_double_up_to_the_cap() {
+        let minute = Duration::from_secs(60);
+        let delays: Vec<u64> = (1..=8).map(|n| retry_delay(n, minute).as_secs()).collect();
+        assert_eq!(delays, [2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(retry_delay(u32::MAX, minute), minute);
+        assert_eq!(
+            retry_delay(1, Duration::from_secs(1)),
+            Duration::from_secs(1)
+        );
+    }
 }
 
 #[cfg(test)]

@@ -23,6 +23,9 @@ use verify::{ClaimsPolicy, TokenError};
 /// Longest a verified token is remembered, whatever its `exp`.
 const MAX_TOKEN_CACHE_TTL: Duration = Duration::from_secs(3600);
 
+/// The wall clock the claims checks read, in Unix seconds.
+type WallClock = Arc<dyn Fn() -> f64 + Send + Sync>;
+
 /// A token that passed every check, and the role its session runs as.
 #[derive(Debug)]
 pub struct VerifiedToken {
@@ -37,7 +40,12 @@ pub struct VerifiedToken {
     pub anonymous: bool,
     issuer_index: usize,
     key_id: [u8; 32],
+    /// How long the token cache may keep this token: until its `exp`, at
+    /// most [`MAX_TOKEN_CACHE_TTL`].
     cache_ttl: Duration,
+    /// When that ends, on the monotonic clock (tokio's, so that tests on a
+    /// paused clock see entries age).
+    cached_until: tokio::time::Instant,
 }
 
 impl VerifiedToken {
@@ -100,6 +108,7 @@ pub struct Authenticator {
     /// token; a hit skips the signature but never the time checks. `None`
     /// when `token_cache_entries` is 0.
     cache: Option<moka::sync::Cache<[u8; 32], Arc<VerifiedToken>>>,
+    wall_clock: WallClock,
     /// Background refresh tasks, stopped when this authenticator is dropped
     /// (a reload replaces it).
     refreshers: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -159,8 +168,18 @@ impl Authenticator {
             issuers,
             max_token_bytes: config.auth.max_token_bytes,
             cache,
+            wall_clock: Arc::new(verify::now_unix),
             refreshers: std::sync::Mutex::default(),
         })
+    }
+
+    /// Replaces the wall clock (Unix seconds) the claims checks read. Cache
+    /// entries age on the monotonic clock instead, so tests use this to play
+    /// a wall clock that steps ahead of it (an NTP correction, a resume from
+    /// suspend), which only the time checks on a cache hit can catch.
+    pub fn with_wall_clock(mut self, clock: impl Fn() -> f64 + Send + Sync + 'static) -> Self {
+        self.wall_clock = Arc::new(clock);
+        self
     }
 
     /// The key source of each issuer, in config order (for readiness, tests
@@ -211,19 +230,29 @@ impl Authenticator {
             && let Some(hit) = cache.get(hash)
         {
             let issuer = &self.issuers[hit.issuer_index];
-            if issuer.source.keys().contains(&hit.key_id) {
-                verify::check_times(&hit.claims, &issuer.policy, verify::now_unix())?;
+            let live = tokio::time::Instant::now() < hit.cached_until;
+            if live && issuer.source.keys().contains(&hit.key_id) {
                 metrics::counter!("rlsproxy_token_cache_total", "result" => "hit").increment(1);
+                // The entry aged on the monotonic clock; the wall clock may
+                // have moved further, so the token's own times still rule.
+                verify::check_times(&hit.claims, &issuer.policy, (self.wall_clock)())?;
                 return Ok(hit);
             }
             cache.invalidate(hash);
         }
         metrics::counter!("rlsproxy_token_cache_total", "result" => "miss").increment(1);
 
+        // Refusals are timed too: a refetch for a forged or rotated key
+        // makes them the slow ones.
         let started = std::time::Instant::now();
-        let verified = Arc::new(self.verify_uncached(token, role).await?);
-        metrics::histogram!("rlsproxy_token_verify_seconds").record(started.elapsed());
-        if let Some((cache, hash)) = cached {
+        let outcome = self.verify_uncached(token, role).await;
+        let result = if outcome.is_ok() { "ok" } else { "refused" };
+        metrics::histogram!("rlsproxy_token_verify_seconds", "result" => result)
+            .record(started.elapsed());
+        let verified = Arc::new(outcome?);
+        if let Some((cache, hash)) = cached
+            && !verified.cache_ttl.is_zero()
+        {
             cache.insert(hash, verified.clone());
         }
         Ok(verified)
@@ -237,10 +266,19 @@ impl Authenticator {
 
         let generation = issuer.source.generation();
         let keys = issuer.source.keys();
+        // Any "no key verifies this" may be a rotation we have not seen: a
+        // new kid, or a new key under an old kid or for a token without one.
         let key_id = match keys.verify(&unverified, name) {
             Ok(key) => key.id,
-            Err(TokenError::UnknownKid { .. } | TokenError::NoKeys(_))
-                if issuer.source.refetch_unknown_kid(generation).await =>
+            Err(
+                e @ (TokenError::UnknownKid { .. }
+                | TokenError::NoKeys(_)
+                | TokenError::NoFittingKey { .. }
+                | TokenError::BadSignature),
+            ) if issuer
+                .source
+                .refetch_missing_key(generation, e.reason())
+                .await =>
             {
                 debug!(
                     kid = unverified.header.kid.as_deref(),
@@ -251,7 +289,7 @@ impl Authenticator {
             Err(e) => return Err(e),
         };
 
-        let now = verify::now_unix();
+        let now = (self.wall_clock)();
         verify::check_claims(&unverified.claims, &issuer.policy, now)?;
         let sub = match unverified.claims.get("sub") {
             Some(Value::String(s)) => s.clone(),
@@ -276,6 +314,7 @@ impl Authenticator {
             issuer_index,
             key_id,
             cache_ttl,
+            cached_until: tokio::time::Instant::now() + cache_ttl,
         })
     }
 
@@ -300,7 +339,7 @@ impl Authenticator {
 fn location(ic: &IssuerConfig, jwks: &JwksConfig) -> Result<Location, String> {
     let url = |name: &str, text: &str| {
         let url = reqwest::Url::parse(text).map_err(|e| format!("{name}: {e}"))?;
-        jwks::check_url(&url, jwks.allow_http)?;
+        jwks::check_url(&url, jwks.allow_http).map_err(|e| format!("{name}: {e}"))?;
         Ok::<_, String>(url)
     };
     if let Some(text) = &ic.jwks_url {
@@ -309,8 +348,12 @@ fn location(ic: &IssuerConfig, jwks: &JwksConfig) -> Result<Location, String> {
     if let Some(path) = &ic.jwks_file {
         return Ok(Location::File(path.clone()));
     }
+    let name = match ic.discovery_url {
+        Some(_) => "discovery_url",
+        None => "discover",
+    };
     match ic.discovery_document() {
-        Some(text) => Ok(Location::Discovery(url("discovery_url", &text)?)),
+        Some(text) => Ok(Location::Discovery(url(name, &text)?)),
         None => Err("no key source".into()),
     }
 }
@@ -321,4 +364,81 @@ fn location(ic: &IssuerConfig, jwks: &JwksConfig) -> Result<Location, String> {
 /// caller of it; a second call is harmless.
 pub fn install_crypto_provider() {
     let _ = jsonwebtoken::crypto::aws_lc::DEFAULT_PROVIDER.install_default();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REFUSED: &str = "http is allowed only to loopback hosts (set jwks.allow_http)";
+
+    /// Builds the key sources of one issuer; fetches nothing.
+    fn setup(issuer: &str, source: &str, jwks: &str) -> Result<(), String> {
+        let text = format!(
+            r#"
+            [upstream]
+            host = "127.0.0.1"
+            [roles.authenticated]
+            [[issuers]]
+            issuer = "{issuer}"
+            {source}
+            [jwks]
+            {jwks}
+            "#
+        );
+        let config = Config::parse(&text, &|_| None).map_err(|e| e.to_string())?;
+        Authenticator::new(&config)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn plain_http_key_source_beyond_loopback_is_refused_unless_allowed() {
+        let iss = "http://issuer.example";
+        let cases = [
+            (
+                r#"jwks_url = "http://issuer.example/jwks.json""#,
+                "jwks_url",
+            ),
+            (
+                r#"jwks_url = "http://localhost.issuer.example/k""#,
+                "jwks_url",
+            ),
+            (r#"jwks_url = "http://10.0.0.7:8080/jwks.json""#, "jwks_url"),
+            (r#"jwks_url = "http://[fd00::1]/jwks.json""#, "jwks_url"),
+            (
+                r#"discovery_url = "http://issuer.example/.well-known/openid-configuration""#,
+                "discovery_url",
+            ),
+            ("discover = true", "discover"),
+        ];
+        for (source, key) in cases {
+            let e = setup(iss, source, "").expect_err(source);
+            assert!(e.starts_with(&format!("issuers[0]: {key}: http://")), "{e}");
+            assert!(e.ends_with(REFUSED), "{e}");
+            setup(iss, source, "allow_http = true").expect("allowed with allow_http");
+        }
+    }
+
+    #[test]
+    fn plain_http_to_loopback_and_https_anywhere_are_allowed() {
+        for url in [
+            "http://127.0.0.1:8080/jwks.json",
+            "http://127.3.2.1/jwks.json",
+            "http://localhost/jwks.json",
+            "http://LOCALHOST:9/jwks.json",
+            "http://[::1]:8080/jwks.json",
+            "https://issuer.example/jwks.json",
+        ] {
+            let source = format!("jwks_url = \"{url}\"");
+            setup("https://issuer.example", &source, "").unwrap_or_else(|e| panic!("{url}: {e}"));
+        }
+    }
+
+    #[test]
+    fn key_source_schemes_other_than_http_and_https_are_refused() {
+        let source = r#"jwks_url = "ftp://issuer.example/jwks.json""#;
+        let e = setup("https://issuer.example", source, "allow_http = true").expect_err("ftp");
+        assert!(e.ends_with("scheme \"ftp\" is not supported"), "{e}");
+    }
 }

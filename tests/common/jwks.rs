@@ -1,7 +1,10 @@
 //! A loopback issuer: serves a JWKS (and an OIDC discovery document) whose
 //! keys, status, latency and body a test can change while it runs, and
-//! counts how often it was asked.
+//! counts how often it was asked. Plain http, or https with a certificate
+//! the test supplies.
 
+use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,9 +15,13 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 
 use super::TestKey;
+use rlsproxy::config::TlsConfig;
 
 /// How the JWKS endpoint answers its next requests.
 #[derive(Clone, Debug, Default)]
@@ -53,23 +60,28 @@ impl JwksServer {
     /// Starts with an empty key set. Needs a tokio runtime; the server runs
     /// on the caller's runtime.
     pub async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind JWKS");
-        let addr = listener.local_addr().expect("JWKS address");
-        let shared = Arc::new(Shared {
-            issuer: format!("http://{addr}"),
-            keys: Mutex::default(),
-            behaviour: Mutex::default(),
-            cache_control: Mutex::default(),
-            jwks_uri: Mutex::default(),
-            jwks_fetches: AtomicUsize::default(),
-            discovery_fetches: AtomicUsize::default(),
+        let (listener, addr) = bind().await;
+        let shared = Shared::new(format!("http://{addr}"));
+        let router = router(&shared);
+        let task = tokio::spawn(async move {
+            axum::serve(listener, router).await.expect("JWKS server");
         });
-        let router = Router::new()
-            .route("/jwks.json", get(jwks))
-            .route("/.well-known/openid-configuration", get(discovery))
-            .with_state(shared.clone());
+        Self { shared, task }
+    }
+
+    /// Like [`JwksServer::start`], over TLS with this PEM certificate
+    /// chain and key; its URLs are `https://127.0.0.1:<port>/...`.
+    pub async fn start_tls(cert: &Path, key: &Path) -> Self {
+        let config = TlsConfig {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            require: None,
+        };
+        let acceptor = rlsproxy::tls::acceptor(&config).expect("TLS acceptor");
+        let (tcp, addr) = bind().await;
+        let shared = Shared::new(format!("https://{addr}"));
+        let router = router(&shared);
+        let listener = TlsListener { tcp, acceptor };
         let task = tokio::spawn(async move {
             axum::serve(listener, router).await.expect("JWKS server");
         });
@@ -129,6 +141,60 @@ impl JwksServer {
     /// Requests to the discovery document so far.
     pub fn discovery_count(&self) -> usize {
         self.shared.discovery_fetches.load(Ordering::SeqCst)
+    }
+}
+
+async fn bind() -> (TcpListener, SocketAddr) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind JWKS");
+    let addr = listener.local_addr().expect("JWKS address");
+    (listener, addr)
+}
+
+impl Shared {
+    fn new(issuer: String) -> Arc<Shared> {
+        Arc::new(Shared {
+            issuer,
+            keys: Mutex::default(),
+            behaviour: Mutex::default(),
+            cache_control: Mutex::default(),
+            jwks_uri: Mutex::default(),
+            jwks_fetches: AtomicUsize::default(),
+            discovery_fetches: AtomicUsize::default(),
+        })
+    }
+}
+
+fn router(shared: &Arc<Shared>) -> Router {
+    Router::new()
+        .route("/jwks.json", get(jwks))
+        .route("/.well-known/openid-configuration", get(discovery))
+        .with_state(shared.clone())
+}
+
+/// Accepts TCP connections and completes the TLS handshake, one at a time
+/// (enough for tests); a client that fails the handshake is dropped.
+struct TlsListener {
+    tcp: TcpListener,
+    acceptor: TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((tcp, addr)) = self.tcp.accept().await else {
+                continue;
+            };
+            if let Ok(tls) = self.acceptor.accept(tcp).await {
+                return (tls, addr);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
     }
 }
 

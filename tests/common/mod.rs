@@ -12,6 +12,7 @@ mod certs;
 mod env;
 mod jwks;
 mod keys;
+mod metrics;
 mod pg;
 mod process;
 pub mod proxy;
@@ -25,6 +26,7 @@ pub use certs::TestCa;
 pub use env::{AUDIENCE, Env, Options, config_text, test_env};
 pub use jwks::{Behaviour, JwksServer};
 pub use keys::{TestKey, alg_confusion_token, alg_none_token, b64, hs256_token};
+pub use metrics::{Recorded, TestRecorder, recorded};
 pub use pg::{
     ANONYMOUS_PASSWORD, AUTHENTICATED_PASSWORD, DATABASE, MD5_PASSWORD, PLAIN_PASSWORD, Postgres,
     SUPERUSER, SUPERUSER_PASSWORD, SessionJwt, TRUST_PASSWORD, connect, describe, jwk_options,
