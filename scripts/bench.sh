@@ -23,6 +23,7 @@ T=${SECONDS_PER_RUN:-5}
 SCALE=${SCALE:-10}
 POOL=${POOL:-8}
 IDLE_CLIENTS=${IDLE_CLIENTS:-1000}
+WARM_CLIENTS=100
 
 # Idle-client memory needs two descriptors per client in each proxy.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
@@ -53,7 +54,7 @@ trap cleanup EXIT
 PW=bench-password
 PG_PORT=$(free_port)
 start_pg "$WORK/pg" "$PG_PORT" "$PW" \
-    "max_connections = $((IDLE_CLIENTS + 100))" "shared_buffers = '256MB'" "synchronous_commit = off"
+    "max_connections = $((IDLE_CLIENTS + 200))" "shared_buffers = '256MB'" "synchronous_commit = off"
 export PGHOST=127.0.0.1 PGPORT=$PG_PORT PGUSER=postgres PGPASSWORD=$PW PGDATABASE=postgres
 pgbench -i -q -s "$SCALE" >/dev/null 2>&1
 psql -q -v ON_ERROR_STOP=1 -f sql/pg_session_jwt_standin.sql >/dev/null
@@ -85,7 +86,7 @@ PROXY_PORT=$(free_port)
 cat >"$WORK/proxy.toml" <<TOML
 [listen]
 addr = "127.0.0.1:$PROXY_PORT"
-max_clients = $((IDLE_CLIENTS + 100))
+max_clients = $((IDLE_CLIENTS + 200))
 [upstream]
 host = "127.0.0.1"
 port = $PG_PORT
@@ -105,6 +106,18 @@ PROXY_PID=$!
 PIDS+=($PROXY_PID)
 wait_port "$PROXY_PORT"
 
+# The same proxy with claims in `guc` mode (a set_config instead of
+# auth.jwt_session_init): separates the proxy's own connect cost from the
+# plpgsql stand-in's, which the real extension does not have.
+GUC_PORT=$(free_port)
+sed -e "s/^addr = \"127.0.0.1:$PROXY_PORT\"/addr = \"127.0.0.1:$GUC_PORT\"/" \
+    -e "/^\[admin\]/,\$d" "$WORK/proxy.toml" >"$WORK/proxy-guc.toml"
+printf '[claims]\nmode = "guc"\n[admin]\naddr = "127.0.0.1:%s"\n' "$(free_port)" >>"$WORK/proxy-guc.toml"
+RUST_LOG=warn "$BIN" --config "$WORK/proxy-guc.toml" 2>"$WORK/proxy-guc.log" &
+GUC_PID=$!
+PIDS+=($GUC_PID)
+wait_port "$GUC_PORT"
+
 BOUNCER_PORT=$(free_port)
 mkdir -p "$WORK/bouncer"
 cat >"$WORK/pgbouncer.ini" <<INI
@@ -118,7 +131,7 @@ auth_type = trust
 auth_file = $WORK/userlist.txt
 pool_mode = session
 default_pool_size = $POOL
-max_client_conn = $((IDLE_CLIENTS + 100))
+max_client_conn = $((IDLE_CLIENTS + 200))
 logfile = $WORK/bouncer/pgbouncer.log
 pidfile = $WORK/bouncer/pgbouncer.pid
 INI
@@ -134,10 +147,12 @@ PIDS+=($!)
 wait_port "$BOUNCER_PORT" || { cat "$WORK/bouncer/pgbouncer.log" >&2; exit 1; }
 
 # target → connection flags and password
-declare -A PORT=([direct]=$PG_PORT [direct-rls]=$PG_PORT [rlsproxy]=$PROXY_PORT [pgbouncer]=$BOUNCER_PORT)
-declare -A USER=([direct]=postgres [direct-rls]=bench_rls [rlsproxy]=authenticated [pgbouncer]=bench_rls)
-declare -A PASS=([direct]=$PW [direct-rls]=$PW [rlsproxy]=$TOKEN [pgbouncer]=$PW)
+declare -A PORT=([direct]=$PG_PORT [direct-rls]=$PG_PORT [rlsproxy]=$PROXY_PORT [pgbouncer]=$BOUNCER_PORT [rlsproxy-guc]=$GUC_PORT)
+declare -A USER=([direct]=postgres [direct-rls]=bench_rls [rlsproxy]=authenticated [pgbouncer]=bench_rls [rlsproxy-guc]=authenticated)
+declare -A PASS=([direct]=$PW [direct-rls]=$PW [rlsproxy]=$TOKEN [pgbouncer]=$PW [rlsproxy-guc]=$TOKEN)
 TARGETS=(direct direct-rls rlsproxy pgbouncer)
+# Connect-bound: also run with claims in guc mode (see above).
+CONNECT_SCENARIO="-C -S -c 8 -j 2"
 SCENARIOS=(
     "-S -c 1"
     "-S -c 8 -j 2"
@@ -161,7 +176,7 @@ run_one() {
 
 if [ -n "${BENCH_HOLD:-}" ]; then
     # Keep the three targets up for manual runs (profiling); Ctrl-C cleans up.
-    for target in "${TARGETS[@]}"; do
+    for target in "${TARGETS[@]}" rlsproxy-guc; do
         echo "$target: PGPASSWORD='${PASS[$target]}' pgbench -n -h 127.0.0.1 -p ${PORT[$target]} -U ${USER[$target]} postgres" >&2
     done
     echo "rlsproxy pid $PROXY_PID" >&2
@@ -173,7 +188,9 @@ declare -A RESULTS
 echo "rlsproxy bench: $ROUNDS rounds x $T s, scale $SCALE, pool $POOL, $(nproc) cores" >&2
 for round in $(seq 1 "$ROUNDS"); do
     for scenario in "${SCENARIOS[@]}"; do
-        for target in "${TARGETS[@]}"; do
+        targets=("${TARGETS[@]}")
+        [ "$scenario" = "$CONNECT_SCENARIO" ] && targets+=(rlsproxy-guc)
+        for target in "${targets[@]}"; do
             tps=$(run_one "$target" "$scenario")
             RESULTS["$scenario|$target"]+="$tps "
             printf 'round %d  %-26s %-11s %10.1f tps\n' "$round" "$scenario" "$target" "$tps" >&2
@@ -199,11 +216,31 @@ for scenario in "${SCENARIOS[@]}"; do
                 s, d, p, r, b, ratio(r, d), ratio(r, p), ratio(b, p), ratio(r, b)
         }'
 done
+d=$(median <<<"${RESULTS["$CONNECT_SCENARIO|direct"]}")
+p=$(median <<<"${RESULTS["$CONNECT_SCENARIO|direct-rls"]}")
+g=$(median <<<"${RESULTS["$CONNECT_SCENARIO|rlsproxy-guc"]}")
+b=$(median <<<"${RESULTS["$CONNECT_SCENARIO|pgbouncer"]}")
+awk -v s="$CONNECT_SCENARIO" -v d="$d" -v p="$p" -v g="$g" -v b="$b" '
+    function ratio(x, y) { return y > 0 ? x / y : 0 }
+    BEGIN {
+        printf "| `pgbench %s`, claims in guc mode | %.0f | %.0f | %.0f | %.0f | %.2fx | %.2fx | %.2fx | %.2fx |\n",
+            s, d, p, g, b, ratio(g, d), ratio(g, p), ratio(b, p), ratio(g, b)
+    }'
 }
 
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 idle_memory() {
-    local name=$1 pid=$2 port=$3 user=$4 pass=$5 before after
+    local name=$1 pid=$2 port=$3 user=$4 pass=$5 before after warm_pid warm_in
+    # A first batch of clients pays for what is set up once (runtime,
+    # allocator arenas, pool maps); the figure is what each further one adds.
+    # It holds its clients until its stdin (a fifo kept open here) closes.
+    mkfifo "$WORK/warm-$name.in"
+    "$IDLE" 127.0.0.1 "$port" "$user" "$pass" postgres "$WARM_CLIENTS" \
+        <"$WORK/warm-$name.in" >"$WORK/warm-$name.out" &
+    warm_pid=$!
+    exec {warm_in}>"$WORK/warm-$name.in"
+    for _ in $(seq 1 120); do grep -q ready "$WORK/warm-$name.out" && break; sleep 0.5; done
+    sleep 1
     before=$(rss_kib "$pid")
     coproc HOLD { "$IDLE" 127.0.0.1 "$port" "$user" "$pass" postgres "$IDLE_CLIENTS"; }
     local ready=""
@@ -213,27 +250,29 @@ idle_memory() {
     # Closing the holder's stdin lets it exit and drop its connections.
     [ -n "${HOLD[1]:-}" ] && eval "exec ${HOLD[1]}>&-"
     wait "${HOLD_PID:-}" 2>/dev/null || true
+    exec {warm_in}>&-
+    wait "$warm_pid" 2>/dev/null || true
     awk -v n="$name" -v b="$before" -v a="$after" -v c="$IDLE_CLIENTS" -v r="$ready" 'BEGIN {
         printf "| %s | %s | %d KiB | %d KiB | %.1f KiB |\n", n, r, b, a, (a-b)/c
     }'
 }
 
 echo
-echo "| memory, $IDLE_CLIENTS idle clients | clients held | RSS before | RSS after | per client |"
+echo "| memory, $IDLE_CLIENTS idle clients (after $WARM_CLIENTS) | clients held | RSS before | RSS after | per client |"
 echo "|---|---|---:|---:|---:|"
 # Session pooling gives every client its own upstream connection, so the
 # pools grow to the client count for this part.
-sed -i "s/^max_per_role = .*/max_per_role = $((IDLE_CLIENTS + 10))/" "$WORK/proxy.toml"
+sed -i "s/^max_per_role = .*/max_per_role = $((IDLE_CLIENTS + 110))/" "$WORK/proxy.toml"
 kill -HUP "$PROXY_PID"
 sleep 1
 idle_memory rlsproxy "$PROXY_PID" "$PROXY_PORT" authenticated "$TOKEN"
-# Free the proxy's pooled server connections for PgBouncer's turn.
-kill "$PROXY_PID"
-wait "$PROXY_PID" 2>/dev/null || true
+# Free the proxies' pooled server connections for PgBouncer's turn.
+kill "$PROXY_PID" "$GUC_PID"
+wait "$PROXY_PID" "$GUC_PID" 2>/dev/null || true
 # PgBouncer applies a new pool size only to new pools: restart it.
 kill "$(cat "$WORK/bouncer/pgbouncer.pid")"
 sleep 1
-sed -i "s/^default_pool_size = .*/default_pool_size = $((IDLE_CLIENTS + 10))/" "$WORK/pgbouncer.ini"
+sed -i "s/^default_pool_size = .*/default_pool_size = $((IDLE_CLIENTS + 110))/" "$WORK/pgbouncer.ini"
 start_bouncer
 PIDS+=($!)
 wait_port "$BOUNCER_PORT"

@@ -66,6 +66,8 @@ jwks_url = "$ISSUER/.well-known/jwks.json"
 audience = "rlsproxy-demo"
 [pool]
 max_per_role = 8
+[admin]
+addr = "127.0.0.1:$(free_port)"
 TOML
 E2E_AUTH_PW=$AUTH_PW "$BIN" check --config "$WORK/proxy.toml" >/dev/null
 E2E_AUTH_PW=$AUTH_PW "$BIN" --config "$WORK/proxy.toml" 2>"$WORK/proxy.log" &

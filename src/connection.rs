@@ -10,11 +10,13 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout_at};
+use tokio_rustls::server::TlsStream;
+use tokio_util::either::Either;
 use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
 use crate::auth::verify::TokenError;
 use crate::auth::{Authenticator, VerifiedToken};
-use crate::cancel::BackendKey;
+use crate::cancel::{BackendKey, Registration};
 use crate::error::ClientError;
 use crate::prefetch::Prefetched;
 use crate::relay::{self, End};
@@ -66,8 +68,8 @@ struct Ctx<'a> {
     state: &'a State,
     /// Start-up and authentication must be over by then.
     deadline: Instant,
-    /// Counted under `max_clients`; `None` means refuse once we can speak.
-    slot: Option<ClientSlot>,
+    /// Counted under `max_clients`; if not, refuse once we can speak.
+    admitted: bool,
 }
 
 /// Serves one client connection to its end; never panics on client input.
@@ -83,23 +85,47 @@ pub async fn handle(
     async move {
         metrics::counter!("rlsproxy_client_connections_total").increment(1);
         metrics::gauge!("rlsproxy_client_connections_active").increment(1.0);
-        let state = shared.state();
-        let deadline = Instant::now() + state.config.listen.startup_timeout;
-        let ctx = Ctx {
-            shared: &shared,
-            state: &state,
-            deadline,
-            slot,
-        };
-        accept(tcp, ctx).await;
+        // Boxed: start-up, authentication and set-up are over before the
+        // relay, and an idle session's task should not keep room for them.
+        let established = Box::pin(establish(tcp, &shared, slot.is_some())).await;
+        if let Some(session) = established {
+            relay_session(session, &shared).await;
+        }
+        drop(slot);
         metrics::gauge!("rlsproxy_client_connections_active").decrement(1.0);
     }
     .instrument(span)
     .await
 }
 
+/// The client's socket, plain or TLS, once start-up is over.
+type ClientStream = Either<Prefetched<TcpStream>, Box<Prefetched<TlsStream<TcpStream>>>>;
+
+/// A client handed over to its upstream session, ready to relay.
+struct Established {
+    stream: ClientStream,
+    checkout: Checkout,
+    registration: Registration,
+    database: String,
+}
+
+/// From the first byte to the hand-over. `None`: the connection ended
+/// (refused, cancel request, client gone), and the client was told why.
+/// Boxed, so the caller keeps a pointer rather than a second copy of it.
+async fn establish(tcp: TcpStream, shared: &Shared, admitted: bool) -> Option<Box<Established>> {
+    let state = shared.state();
+    let deadline = Instant::now() + state.config.listen.startup_timeout;
+    let ctx = Ctx {
+        shared,
+        state: &state,
+        deadline,
+        admitted,
+    };
+    accept(tcp, ctx).await.map(Box::new)
+}
+
 /// The plaintext start: answers SSLRequest, upgrades to TLS if asked.
-async fn accept(tcp: TcpStream, ctx: Ctx<'_>) {
+async fn accept(tcp: TcpStream, ctx: Ctx<'_>) -> Option<Established> {
     let mut tcp = Prefetched::new(tcp);
     let encryption = if ctx.state.tls.is_some() {
         Encryption::Offered
@@ -108,7 +134,7 @@ async fn accept(tcp: TcpStream, ctx: Ctx<'_>) {
     };
     let Ok(first) = timeout_at(ctx.deadline, startup::negotiate(&mut tcp, encryption)).await else {
         debug!("client did not finish start-up in time");
-        return;
+        return None;
     };
     match first {
         Ok(Startup::TlsRequested) => {
@@ -118,52 +144,87 @@ async fn accept(tcp: TcpStream, ctx: Ctx<'_>) {
             if tcp.has_buffered() || has_unread_bytes(tcp.get_ref()) {
                 let e = ClientError::Protocol("received unencrypted data after SSLRequest".into());
                 report(&mut tcp, Failure::Refuse(e)).await;
-                return;
+                return None;
             }
-            let Some(acceptor) = ctx.state.tls.clone() else {
-                return;
-            };
-            if tcp.write_all(b"S").await.is_err() {
-                return;
-            }
+            let acceptor = ctx.state.tls.clone()?;
+            tcp.write_all(b"S").await.ok()?;
             // Boxed: the handshake and TLS state would otherwise size the
             // future of every connection, plaintext ones included.
-            Box::pin(accept_tls(tcp.into_inner(), acceptor, ctx)).await;
+            Box::pin(accept_tls(tcp.into_inner(), acceptor, ctx)).await
         }
         Ok(Startup::Session(params)) => {
             if ctx.state.config.tls_required() {
                 // Refused before the password is asked for: the token
                 // would otherwise cross the network in clear text.
                 report(&mut tcp, Failure::Refuse(ClientError::TlsRequired)).await;
-                return;
+                return None;
             }
-            finish(&mut tcp, params, ctx).await;
+            let (checkout, registration) = finish(&mut tcp, &params, ctx).await?;
+            Some(Established {
+                stream: Either::Left(tcp),
+                checkout,
+                registration,
+                database: params.database,
+            })
         }
-        Ok(Startup::Cancel { pid, secret }) => ctx.shared.cancels.cancel(pid, secret).await,
-        Err(e) => report(&mut tcp, e.into()).await,
+        Ok(Startup::Cancel { pid, secret }) => {
+            ctx.shared.cancels.cancel(pid, secret).await;
+            None
+        }
+        Err(e) => {
+            report(&mut tcp, e.into()).await;
+            None
+        }
     }
 }
 
-async fn accept_tls(tcp: TcpStream, acceptor: tokio_rustls::TlsAcceptor, ctx: Ctx<'_>) {
+async fn accept_tls(
+    tcp: TcpStream,
+    acceptor: tokio_rustls::TlsAcceptor,
+    ctx: Ctx<'_>,
+) -> Option<Established> {
     // A failed handshake is closed silently: there is no channel left to
     // speak to the client on.
     let tls = match timeout_at(ctx.deadline, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => return debug!(error = %e, "TLS handshake failed"),
-        Err(_) => return debug!("TLS handshake timed out"),
+        Ok(Err(e)) => {
+            debug!(error = %e, "TLS handshake failed");
+            return None;
+        }
+        Err(_) => {
+            debug!("TLS handshake timed out");
+            return None;
+        }
     };
-    let mut tls = Prefetched::new(tls);
+    let mut tls = Box::new(Prefetched::new(tls));
     match timeout_at(
         ctx.deadline,
         startup::negotiate(&mut tls, Encryption::Established),
     )
     .await
     {
-        Ok(Ok(Startup::Session(params))) => finish(&mut tls, params, ctx).await,
-        Ok(Ok(Startup::Cancel { pid, secret })) => ctx.shared.cancels.cancel(pid, secret).await,
-        Ok(Ok(Startup::TlsRequested)) => {}
-        Ok(Err(e)) => report(&mut tls, e.into()).await,
-        Err(_) => debug!("client did not finish start-up in time"),
+        Ok(Ok(Startup::Session(params))) => {
+            let (checkout, registration) = finish(&mut tls, &params, ctx).await?;
+            Some(Established {
+                stream: Either::Right(tls),
+                checkout,
+                registration,
+                database: params.database,
+            })
+        }
+        Ok(Ok(Startup::Cancel { pid, secret })) => {
+            ctx.shared.cancels.cancel(pid, secret).await;
+            None
+        }
+        Ok(Ok(Startup::TlsRequested)) => None,
+        Ok(Err(e)) => {
+            report(&mut tls, e.into()).await;
+            None
+        }
+        Err(_) => {
+            debug!("client did not finish start-up in time");
+            None
+        }
     }
 }
 
@@ -174,14 +235,24 @@ fn has_unread_bytes(tcp: &TcpStream) -> bool {
     matches!(tcp.poll_peek(&mut cx, &mut buf), std::task::Poll::Ready(Ok(n)) if n > 0)
 }
 
-async fn finish<S>(stream: &mut S, params: StartupParams, ctx: Ctx<'_>)
+/// Serves the start-up to the hand-over; a refusal is reported and the
+/// connection closed here.
+async fn finish<S>(
+    stream: &mut S,
+    params: &StartupParams,
+    ctx: Ctx<'_>,
+) -> Option<(Checkout, Registration)>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    if let Err(failure) = serve(stream, &params, &ctx).await {
-        report(stream, failure).await;
+    match serve(stream, params, &ctx).await {
+        Ok(session) => Some(session),
+        Err(failure) => {
+            report(stream, failure).await;
+            let _ = stream.shutdown().await;
+            None
+        }
     }
-    let _ = stream.shutdown().await;
 }
 
 async fn report<S: AsyncWrite + Unpin>(stream: &mut S, failure: Failure) {
@@ -204,12 +275,16 @@ async fn send_error<S: AsyncWrite + Unpin>(stream: &mut S, e: &ClientError) -> s
     stream.flush().await
 }
 
-async fn serve<S>(stream: &mut S, params: &StartupParams, ctx: &Ctx<'_>) -> Result<(), Failure>
+async fn serve<S>(
+    stream: &mut S,
+    params: &StartupParams,
+    ctx: &Ctx<'_>,
+) -> Result<(Checkout, Registration), Failure>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let config = &ctx.state.config;
-    if ctx.slot.is_none() {
+    if !ctx.admitted {
         return Err(ClientError::TooManyClients(config.listen.max_clients).into());
     }
     Span::current().record("role", params.user.as_str());
@@ -267,7 +342,7 @@ where
         settings: &settings,
     };
     let (checkout, pending) = start.noted(Box::pin(start.open(true)).await)?;
-    relay_session(stream, &start, checkout, pending, params).await
+    Box::pin(hand_over(stream, &start, checkout, pending)).await
 }
 
 /// Asks for the password and verifies it as a JWT.
@@ -425,23 +500,21 @@ fn session_error(f: wire::ErrorFields) -> ClientError {
     }
 }
 
-/// Hands the session over and relays it. With `pending` the set-up reply
-/// is still to come: the client gets its `ReadyForQuery` now, and its
-/// first query waits in the socket until the reply is in.
-async fn relay_session<S>(
+/// Hands the session over: `AuthenticationOk`, the server's parameters, a
+/// cancel key of the proxy's, `ReadyForQuery`. With `pending` the set-up
+/// reply is still to come: the client's first query waits in its socket
+/// until that reply is in and clean.
+async fn hand_over<S>(
     stream: &mut S,
     start: &SessionStart<'_>,
     mut checkout: Checkout,
     pending: bool,
-    params: &StartupParams,
-) -> Result<(), Failure>
+) -> Result<(Checkout, Registration), Failure>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncWrite + Unpin,
 {
-    let shared = start.shared;
-    let started = std::time::Instant::now();
     let first_backend = backend_of(&checkout);
-    let registration = shared.cancels.register(first_backend);
+    let registration = start.shared.cancels.register(first_backend);
 
     let mut out = BytesMut::with_capacity(512);
     wire::authentication(&mut out, wire::AUTH_OK);
@@ -458,10 +531,8 @@ where
         registration.detach().await;
         return Err(Failure::Silent(e.into()));
     }
-    drop(out);
     if pending {
-        let confirmed = Box::pin(start.confirm(checkout)).await;
-        checkout = match start.noted(confirmed) {
+        checkout = match start.noted(start.confirm(checkout).await) {
             Ok(c) => c,
             Err(f) => {
                 registration.detach().await;
@@ -473,7 +544,20 @@ where
             registration.retarget(backend).await;
         }
     }
+    Ok((checkout, registration))
+}
 
+/// Relays a handed-over session to its end, then resets the upstream
+/// connection for reuse if it ended clean.
+async fn relay_session(session: Box<Established>, shared: &Shared) {
+    let Established {
+        mut stream,
+        mut checkout,
+        registration,
+        database,
+    } = *session;
+    let stream = &mut stream;
+    let started = std::time::Instant::now();
     let conn = &mut checkout.conn;
     let closing = shared.close_sessions.cancelled();
     let outcome = relay::relay(stream, &mut conn.stream, &mut conn.buf, closing).await;
@@ -485,7 +569,7 @@ where
         .increment(outcome.bytes_from_upstream);
     metrics::histogram!("rlsproxy_session_duration_seconds").record(started.elapsed());
     info!(
-        database = %params.database,
+        database = %database,
         duration_ms = started.elapsed().as_millis() as u64,
         bytes_in = outcome.bytes_from_client,
         bytes_out = outcome.bytes_from_upstream,
@@ -505,11 +589,11 @@ where
     if let Some(e) = notice.filter(|_| outcome.client_at_boundary) {
         let _ = send_error(stream, &e).await;
     }
+    let _ = stream.shutdown().await;
     if outcome.idle {
         match session::reset(&mut checkout.conn).await {
             Ok(()) => checkout.release(),
             Err(e) => debug!(error = %e, "reset failed; upstream connection closed"),
         }
     }
-    Ok(())
 }
