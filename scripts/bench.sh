@@ -9,7 +9,7 @@
 # Prints median TPS and ratios per scenario, then memory per idle client.
 # Loopback only; every run bounded.
 #
-#   scripts/bench.sh                 # 3 rounds of 5 s per run
+#   scripts/bench.sh                 # 3 rounds of 4 s per run
 #   ROUNDS=5 SECONDS_PER_RUN=15 scripts/bench.sh
 #   IDLE_CLIENTS=1000 scripts/bench.sh
 #   ROUNDS=0 scripts/bench.sh        # memory per idle client only
@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
 ROUNDS=${ROUNDS:-3}
-T=${SECONDS_PER_RUN:-5}
+T=${SECONDS_PER_RUN:-4}
 SCALE=${SCALE:-10}
 POOL=${POOL:-8}
 IDLE_CLIENTS=${IDLE_CLIENTS:-1000}
