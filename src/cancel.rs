@@ -123,6 +123,21 @@ impl Drop for Registration {
     }
 }
 
+/// Asks the server to stop whatever `backend` is running, without waiting:
+/// for a session whose client left mid-query, whose connection is about to
+/// be closed. Postgres would otherwise run the query to its end, holding
+/// its locks, since it notices a closed socket only when it next reads.
+pub fn cancel_abandoned(backend: BackendKey) {
+    tokio::spawn(async move {
+        let sent = tokio::time::timeout(CANCEL_FORWARD_TIMEOUT, forward(backend)).await;
+        debug!(
+            pid = backend.pid,
+            ok = matches!(sent, Ok(Ok(()))),
+            "abandoned query cancelled"
+        );
+    });
+}
+
 async fn forward(backend: BackendKey) -> std::io::Result<()> {
     let mut stream = TcpStream::connect(backend.addr).await?;
     let mut out = BytesMut::with_capacity(16);

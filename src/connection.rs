@@ -16,7 +16,7 @@ use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
 use crate::auth::verify::TokenError;
 use crate::auth::{Authenticator, VerifiedToken};
-use crate::cancel::{BackendKey, Registration};
+use crate::cancel::{self, BackendKey, Registration};
 use crate::error::ClientError;
 use crate::prefetch::Prefetched;
 use crate::relay::{self, End};
@@ -489,7 +489,7 @@ fn backend_of(checkout: &Checkout) -> BackendKey {
 /// A setting the client asked for that Postgres refused keeps its own
 /// SQLSTATE; anything else failed in the claims set-up.
 fn session_error(f: wire::ErrorFields) -> ClientError {
-    const SETTING_ERRORS: &[&str] = &["42704", "22023", "42501", "55P02", "22P02"];
+    const SETTING_ERRORS: &[&str] = &["42704", "42602", "22023", "42501", "55P02", "22P02"];
     if SETTING_ERRORS.contains(&f.code.as_str()) {
         ClientError::Upstream(f)
     } else {
@@ -562,7 +562,10 @@ async fn relay_session(session: Box<Established>, shared: &Shared) {
     let closing = shared.close_sessions.cancelled();
     let outcome = relay::relay(stream, &mut conn.stream, &mut conn.buf, closing).await;
     registration.detach().await;
-    conn.tx_status = outcome.tx_status;
+    checkout.conn.tx_status = outcome.tx_status;
+    if !outcome.idle && outcome.end != End::UpstreamClosed {
+        cancel::cancel_abandoned(backend_of(&checkout));
+    }
     metrics::counter!("rlsproxy_bytes_relayed_total", "direction" => "client_to_upstream")
         .increment(outcome.bytes_from_client);
     metrics::counter!("rlsproxy_bytes_relayed_total", "direction" => "upstream_to_client")

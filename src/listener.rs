@@ -164,6 +164,11 @@ impl ProxyHandle {
     pub fn clients(&self) -> usize {
         self.shared.clients()
     }
+
+    /// Upstream pools kept, one per (database, role) logged in to.
+    pub fn upstream_pools(&self) -> usize {
+        self.shared.pool.pool_count()
+    }
 }
 
 fn warn_about(config: &Config) {

@@ -116,7 +116,8 @@ async fn parse_startup<S>(
 where
     S: AsyncWrite + Unpin,
 {
-    let (major, minor) = (version >> 16, version & 0xffff);
+    // The code as libpq writes it: two unsigned 16-bit halves.
+    let (major, minor) = ((version as u32) >> 16, version & 0xffff);
     if major != 3 {
         return Err(ClientError::Unsupported(format!(
             "frontend protocol {major}.{minor} is not supported: this proxy speaks 3.0"

@@ -263,3 +263,48 @@ async fn a_client_that_vanishes_leaves_nothing_for_the_next() {
     );
     assert_eq!(common::proxy::panics(), 0, "a task panicked");
 }
+
+#[tokio::test]
+async fn a_query_whose_client_vanished_is_cancelled_upstream() {
+    let pg = Postgres::start().await;
+    pg.setup_schema().await;
+    let key = TestKey::es256("k1");
+    let jwks = JwksServer::with_keys(&[&key]).await;
+    let proxy = TestProxy::start(&jwks, ProxyOptions::new(pg.port())).await;
+    let token = key.sign(&claims("leaver", &jwks.issuer(), AUDIENCE));
+
+    let mut stream = proxy.raw().await;
+    raw_login(&mut stream, &token).await;
+    stream
+        .write_all(&query("SELECT pg_sleep(60) AS abandoned"))
+        .await
+        .expect("send");
+    let su = pg.superuser().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while abandoned_queries(&su).await == 0 {
+        assert!(Instant::now() < deadline, "the query never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The client's socket closes without a Terminate, mid-query.
+    drop(stream);
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while abandoned_queries(&su).await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned query still runs upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn abandoned_queries(su: &tokio_postgres::Client) -> i64 {
+    su.query_one(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE state = 'active' AND query LIKE '%AS abandoned'",
+        &[],
+    )
+    .await
+    .expect("activity")
+    .get(0)
+}

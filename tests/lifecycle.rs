@@ -442,3 +442,29 @@ async fn readyz_turns_unready_when_the_upstream_refuses_the_proxys_login() {
         .expect_err("unready after a failed login");
     assert!(why.contains("the last upstream login failed"), "{why}");
 }
+
+#[tokio::test]
+async fn databases_nobody_can_log_in_to_leave_no_pool_behind() {
+    rlsproxy::admin::metrics_handle();
+    let env = Env::start().await;
+    let url = admin(&env).await;
+    for i in 0..3 {
+        let token = env.token(&env.es, "alice");
+        let mut config = env.config("authenticated", Some(&token));
+        config.dbname(format!("no_such_db_{i}"));
+        let err = common::connect(&config).await.expect_err("no database");
+        assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("3D000"));
+    }
+    assert_eq!(env.handle.upstream_pools(), 0, "no pool for a failed login");
+    let alice = env.as_user(&env.es, "alice").await;
+    alice.simple_query("SELECT 1").await.expect("query");
+    assert_eq!(env.handle.upstream_pools(), 1);
+    let (_, metrics) = get(&format!("{url}/metrics")).await;
+    assert!(
+        metrics.contains(
+            "rlsproxy_pool_in_use_connections{database=\"postgres\",role=\"authenticated\"}"
+        ),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("no_such_db"), "{metrics}");
+}

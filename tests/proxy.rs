@@ -249,6 +249,29 @@ async fn a_pooled_backend_carries_nothing_to_the_next_user() {
         .expect("alice's session state");
     drop(alice);
 
+    // The reset runs when alice leaves, not when the next client comes:
+    // her advisory lock is gone with nobody checking the connection out.
+    let su = env.pg.superuser().await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let locks: i64 = su
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'",
+                &[],
+            )
+            .await
+            .expect("locks")
+            .get(0);
+        if locks == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "alice's advisory lock outlived her session"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
     let bob = env.as_user(&env.ed, "bob").await;
     let row = one_row(
         &bob,
@@ -274,7 +297,6 @@ async fn a_pooled_backend_carries_nothing_to_the_next_user() {
     assert_ne!(row.get::<_, String>(7), "alice-app");
     drop(bob);
 
-    let su = env.pg.superuser().await;
     let n: i64 = su
         .query_one(
             "SELECT count(*) FROM todos WHERE title = 'uncommitted'",

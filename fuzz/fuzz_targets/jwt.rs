@@ -26,8 +26,9 @@ fuzz_target!(|data: &[u8]| {
         require_exp: true,
     };
     if verify::check_claims(&parsed.claims, &policy, NOW).is_ok() {
-        assert!(parsed.claims["sub"].is_string());
-        let exp = parsed.claims["exp"].as_f64().expect("exp is a number");
+        assert!(parsed.claims.get("sub").is_some_and(|s| s.is_string()));
+        let exp = parsed.claims.get("exp").and_then(|e| e.as_f64());
+        let exp = exp.expect("exp is a number");
         assert!(exp + 30.0 >= NOW);
     }
 });

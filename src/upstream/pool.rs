@@ -38,10 +38,13 @@ struct Idle {
 
 /// One (database, role) pool.
 struct RolePool {
+    database: String,
+    role: String,
     idle: Mutex<Vec<Idle>>,
-    /// `rlsproxy_pool_{idle,in_use}_connections` for this pool, registered once.
-    idle_gauge: metrics::Gauge,
-    in_use_gauge: metrics::Gauge,
+    /// `rlsproxy_pool_{idle,in_use}_connections` for this pool, registered
+    /// once its first connection logged in: a name nobody can log in to
+    /// (a mistyped database) adds no series.
+    gauges: std::sync::OnceLock<(metrics::Gauge, metrics::Gauge)>,
     /// One permit per connection in use; idle ones hold none.
     in_use: Arc<Semaphore>,
     /// The limit `in_use` was sized for; changed on reload.
@@ -54,30 +57,47 @@ impl RolePool {
     }
 
     fn new(target: &LoginTarget, limit: usize) -> RolePool {
-        let labels = [
-            ("database", target.database.clone()),
-            ("role", target.role.clone()),
-        ];
         RolePool {
+            database: target.database.clone(),
+            role: target.role.clone(),
             idle: Mutex::default(),
-            idle_gauge: metrics::gauge!("rlsproxy_pool_idle_connections", &labels),
-            in_use_gauge: metrics::gauge!("rlsproxy_pool_in_use_connections", &labels),
+            gauges: std::sync::OnceLock::new(),
             in_use: Arc::new(Semaphore::new(limit)),
             limit: Mutex::new(limit),
         }
     }
 
-    fn report(&self) {
-        let limit = *self.limit.lock().unwrap_or_else(|p| p.into_inner());
-        let in_use = limit.saturating_sub(self.in_use.available_permits());
-        self.idle_gauge.set(self.idle().len() as f64);
-        self.in_use_gauge.set(in_use as f64);
+    fn limit(&self) -> usize {
+        *self.limit.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Updates the gauges, registering them on a pool's first login.
+    fn report(&self, logged_in: bool) {
+        let gauges = if logged_in {
+            Some(self.gauges.get_or_init(|| {
+                let labels = [
+                    ("database", self.database.clone()),
+                    ("role", self.role.clone()),
+                ];
+                (
+                    metrics::gauge!("rlsproxy_pool_idle_connections", &labels),
+                    metrics::gauge!("rlsproxy_pool_in_use_connections", &labels),
+                )
+            }))
+        } else {
+            self.gauges.get()
+        };
+        if let Some((idle, in_use)) = gauges {
+            idle.set(self.idle().len() as f64);
+            in_use.set(self.limit().saturating_sub(self.in_use.available_permits()) as f64);
+        }
     }
 
     /// Grows or shrinks the number of connections that may be in use.
     fn resize(self: &Arc<Self>, new_limit: usize) {
         let mut limit = self.limit.lock().unwrap_or_else(|p| p.into_inner());
         let old = std::mem::replace(&mut *limit, new_limit);
+        drop(limit);
         if new_limit > old {
             self.in_use.add_permits(new_limit - old);
         } else if new_limit < old {
@@ -122,7 +142,7 @@ impl Checkout {
             });
         }
         drop(_permit);
-        pool.report();
+        pool.report(false);
     }
 }
 
@@ -190,11 +210,15 @@ impl Pool {
 
         loop {
             let candidate = pool.idle().pop();
-            let Some(Idle { conn, .. }) = candidate else {
+            let Some(Idle { mut conn, .. }) = candidate else {
                 break;
             };
-            // A server restart leaves closed sockets in the pool: never lend one.
-            if conn.is_closed() || conn.created_at.elapsed() >= settings.max_lifetime {
+            if conn.created_at.elapsed() >= settings.max_lifetime {
+                continue;
+            }
+            // The reset's replies, clean, and nothing else: a server restart
+            // leaves closed sockets (or its FATAL) in the pool; never lend one.
+            if !conn.settle(target.connect_timeout).await {
                 continue;
             }
             let checkout = Checkout {
@@ -204,10 +228,17 @@ impl Pool {
                 max_lifetime: settings.max_lifetime,
                 _permit: permit,
             };
-            checkout.pool.report();
+            checkout.pool.report(true);
             return Ok(checkout);
         }
-        let conn = UpstreamConn::connect(target).await?;
+        let conn = match UpstreamConn::connect(target).await {
+            Ok(conn) => conn,
+            Err(e) => {
+                drop(permit);
+                self.forget_if_unused(pool);
+                return Err(e.into());
+            }
+        };
         let checkout = Checkout {
             conn,
             reused: false,
@@ -215,8 +246,26 @@ impl Pool {
             max_lifetime: settings.max_lifetime,
             _permit: permit,
         };
-        checkout.pool.report();
+        checkout.pool.report(true);
         Ok(checkout)
+    }
+
+    /// Drops a pool that holds nothing and that nobody else is using, so
+    /// that names nobody can log in to do not accumulate.
+    fn forget_if_unused(&self, pool: Arc<RolePool>) {
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (pool.database.clone(), pool.role.clone());
+        // Ours and the map's: no other client holds or waits on this pool.
+        let unused =
+            Arc::strong_count(&pool) == 2 && pool.idle().is_empty() && pool.gauges.get().is_none();
+        if unused && pools.get(&key).is_some_and(|p| Arc::ptr_eq(p, &pool)) {
+            pools.remove(&key);
+        }
+    }
+
+    /// Pools kept.
+    pub fn pool_count(&self) -> usize {
+        self.pools.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// Closes idle connections past `idle_timeout` or `max_lifetime`.
@@ -235,7 +284,7 @@ impl Pool {
                     && i.conn.created_at.elapsed() < settings.max_lifetime
                     && !i.conn.is_closed()
             });
-            pool.report();
+            pool.report(false);
         }
     }
 
