@@ -214,9 +214,7 @@ fn tokenless_claims(role: &str) -> Claims {
 
 /// Returns the connection to a fresh state: rollback if a transaction is
 /// open, then `DISCARD ALL` (settings, prepared statements, cursors, LISTEN,
-/// advisory locks, temp tables and sequences). The server runs it at once;
-/// its replies are read at the next checkout ([`UpstreamConn::settle`]),
-/// which lends the connection only if they are clean.
+/// advisory locks, temp tables and sequences).
 pub async fn reset(conn: &mut UpstreamConn) -> Result<(), UpstreamError> {
     let mut out = BytesMut::with_capacity(64);
     let mut replies = 1;
@@ -226,7 +224,12 @@ pub async fn reset(conn: &mut UpstreamConn) -> Result<(), UpstreamError> {
     }
     wire::query(&mut out, "DISCARD ALL");
     conn.send(&out).await?;
-    conn.replies_owed += replies;
+    conn.read_until_ready_n(replies).await?;
+    if conn.tx_status != b'I' {
+        return Err(UpstreamError::Protocol(
+            "connection not idle after reset".into(),
+        ));
+    }
     Ok(())
 }
 

@@ -125,9 +125,6 @@ pub struct UpstreamConn {
     pub created_at: Instant,
     /// Transaction status from the last ReadyForQuery.
     pub tx_status: u8,
-    /// ReadyForQuery messages still to come for statements sent without
-    /// waiting (the reset on release); [`settle`](Self::settle) reads them.
-    pub replies_owed: usize,
 }
 
 impl UpstreamConn {
@@ -161,7 +158,6 @@ impl UpstreamConn {
             key,
             created_at: Instant::now(),
             tx_status: b'I',
-            replies_owed: 0,
         };
 
         let mut out = BytesMut::new();
@@ -316,24 +312,8 @@ impl UpstreamConn {
     }
 
     /// Whether the server has closed this idle connection (e.g. it restarted).
-    /// Replies still owed make the socket readable, so a connection that
-    /// owes some is judged by [`settle`](Self::settle) instead.
     pub fn is_closed(&self) -> bool {
-        self.replies_owed == 0 && self.stream.is_closed()
-    }
-
-    /// Reads the replies owed, within `limit`: true if the connection is
-    /// then idle, clean and open. Any error, a transaction left open or
-    /// bytes beyond the replies make it unfit, to be closed.
-    pub async fn settle(&mut self, limit: Duration) -> bool {
-        if self.replies_owed > 0 {
-            let owed = std::mem::take(&mut self.replies_owed);
-            match tokio::time::timeout(limit, self.read_until_ready_n(owed)).await {
-                Ok(Ok(())) => {}
-                _ => return false,
-            }
-        }
-        self.tx_status == b'I' && self.buf.is_empty() && !self.stream.is_closed()
+        self.stream.is_closed()
     }
 }
 

@@ -210,15 +210,11 @@ impl Pool {
 
         loop {
             let candidate = pool.idle().pop();
-            let Some(Idle { mut conn, .. }) = candidate else {
+            let Some(Idle { conn, .. }) = candidate else {
                 break;
             };
-            if conn.created_at.elapsed() >= settings.max_lifetime {
-                continue;
-            }
-            // The reset's replies, clean, and nothing else: a server restart
-            // leaves closed sockets (or its FATAL) in the pool; never lend one.
-            if !conn.settle(target.connect_timeout).await {
+            // A server restart leaves closed sockets in the pool: never lend one.
+            if conn.is_closed() || conn.created_at.elapsed() >= settings.max_lifetime {
                 continue;
             }
             let checkout = Checkout {
