@@ -204,28 +204,24 @@ median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR
 echo
 echo "| scenario | direct | direct-rls | rlsproxy | PgBouncer | rlsproxy / direct | rlsproxy / direct-rls | PgBouncer / direct-rls | rlsproxy / PgBouncer |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
-for scenario in "${SCENARIOS[@]}"; do
+# row LABEL SCENARIO PROXY: one table line, PROXY's TPS against the others.
+row() {
+    local label=$1 scenario=$2 proxy=$3 d p r b
     d=$(median <<<"${RESULTS["$scenario|direct"]}")
     p=$(median <<<"${RESULTS["$scenario|direct-rls"]}")
-    r=$(median <<<"${RESULTS["$scenario|rlsproxy"]}")
+    r=$(median <<<"${RESULTS["$scenario|$proxy"]}")
     b=$(median <<<"${RESULTS["$scenario|pgbouncer"]}")
-    awk -v s="$scenario" -v d="$d" -v p="$p" -v r="$r" -v b="$b" '
+    awk -v s="$label" -v d="$d" -v p="$p" -v r="$r" -v b="$b" '
         function ratio(x, y) { return y > 0 ? x / y : 0 }
         BEGIN {
-            printf "| `pgbench %s` | %.0f | %.0f | %.0f | %.0f | %.2fx | %.2fx | %.2fx | %.2fx |\n",
+            printf "| %s | %.0f | %.0f | %.0f | %.0f | %.2fx | %.2fx | %.2fx | %.2fx |\n",
                 s, d, p, r, b, ratio(r, d), ratio(r, p), ratio(b, p), ratio(r, b)
         }'
+}
+for scenario in "${SCENARIOS[@]}"; do
+    row "\`pgbench $scenario\`" "$scenario" rlsproxy
 done
-d=$(median <<<"${RESULTS["$CONNECT_SCENARIO|direct"]}")
-p=$(median <<<"${RESULTS["$CONNECT_SCENARIO|direct-rls"]}")
-g=$(median <<<"${RESULTS["$CONNECT_SCENARIO|rlsproxy-guc"]}")
-b=$(median <<<"${RESULTS["$CONNECT_SCENARIO|pgbouncer"]}")
-awk -v s="$CONNECT_SCENARIO" -v d="$d" -v p="$p" -v g="$g" -v b="$b" '
-    function ratio(x, y) { return y > 0 ? x / y : 0 }
-    BEGIN {
-        printf "| `pgbench %s`, claims in guc mode | %.0f | %.0f | %.0f | %.0f | %.2fx | %.2fx | %.2fx | %.2fx |\n",
-            s, d, p, g, b, ratio(g, d), ratio(g, p), ratio(b, p), ratio(g, b)
-    }'
+row "\`pgbench $CONNECT_SCENARIO\`, claims in guc mode" "$CONNECT_SCENARIO" rlsproxy-guc
 }
 
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
