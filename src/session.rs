@@ -126,18 +126,9 @@ pub fn sign_claims(key: &mut SessionKey, claims: &Claims) -> String {
     token
 }
 
-/// Applies settings and claims in one round trip.
-pub async fn begin(
-    conn: &mut UpstreamConn,
-    spec: &SessionSpec<'_>,
-    settings: &[(String, String)],
-) -> Result<(), UpstreamError> {
-    send_setup(conn, spec, settings).await?;
-    conn.read_until_ready().await
-}
-
-/// Writes the set-up (settings, then claims, one Sync) without waiting for
-/// its reply; [`UpstreamConn::read_until_ready`] reads that.
+/// Writes the set-up (settings, then claims, one Sync: one round trip)
+/// without waiting for its reply; [`UpstreamConn::read_until_ready`] reads
+/// that.
 pub async fn send_setup(
     conn: &mut UpstreamConn,
     spec: &SessionSpec<'_>,
